@@ -1,0 +1,1 @@
+"""Datasets, long-tail construction, webdataset shards and the caches stage II reads."""

@@ -1,0 +1,547 @@
+"""The embedding cache stage II reads: one zarr v3 store written by the export stage.
+
+Layout (readable with plain ``zarr.open_group(path, mode="r")``, no ECVL code needed)::
+
+    /                       attrs: format, format_version, model_name, embed_dim,
+                            checkpoint_digest, templates, classes, num_classes,
+                            splits ({name: rows}), plus any extra attrs of the caller
+    /<split>/features       float16 N×d  projected image embedding, NOT normalised
+    /<split>/labels         int64 N
+    /<split>/keys           string N     zarr v3 variable-length UTF-8 ("string", vlen-utf8)
+    /<split>               attrs: num_rows, rows_written, complete
+    /text/features          float32 K×d  class text embeddings u_c, L2-normalised
+    /text                   attrs: complete
+
+All per-sample arrays are chunked along N (4096 rows by default) so that a block of rows is a
+few chunk files. Keys use zarr's variable-length ``string`` data type because it is the one
+string type with a registered zarr v3 specification; the fixed-width numpy types ("U", "S")
+are stored by zarr-python as ``fixed_length_utf32`` / ``null_terminated_bytes``, which zarr
+warns may change and other zarr libraries may not read.
+
+Resume: the writer records in ``/<split>`` attrs how many leading rows are written, after the
+rows' chunks are on disk (zarr's local store replaces each file atomically). A killed export
+reopens the store, asks `EmbeddingWriter.progress` and continues from there; rows past the
+recorded point are simply written again, so the final arrays equal an uninterrupted run.
+There is one writer process (under DDP, rank 0 writes what the ranks gathered).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ecvl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CHUNK_ROWS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "EmbeddingWriter",
+    "Embeddings",
+    "SplitData",
+    "open_embeddings",
+]
+
+FORMAT = "ecvl-embeddings"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_ROWS = 4096
+TEXT = "text"
+REQUIRED_ATTRS = ("model_name", "checkpoint_digest", "templates", "classes")
+# Keys the writer sets itself; a caller's attrs may repeat them only with the same value.
+_OWN_ATTRS = ("format", "format_version", "embed_dim", "num_classes", "splits", "initialized")
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# zarr's LocalStore writes `<file>.<uuid4 hex>.partial` then renames; a kill leaves them behind.
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+_NORM_TOL = 1e-3
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as it reads back from zarr attributes (tuples become lists, ...)."""
+    return json.loads(json.dumps(value))
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """numpy view of an array-like or a torch tensor, without importing torch."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class EmbeddingWriter:
+    """Create (or resume) an embedding store and fill it block by block.
+
+    Args:
+        path: store directory. Atomic publication (temp name + rename) is the caller's job.
+        splits: rows per split, e.g. ``{"train": 10847, "val": 2000, "test": 10000}``.
+        embed_dim: d, the width of the projected image and text embeddings.
+        attrs: root attributes; must hold ``model_name``, ``checkpoint_digest``,
+            ``templates`` (list of str) and ``classes`` (list of K names). JSON values only.
+        resume: reopen an existing store written with the same splits, d and attrs and
+            continue it; if False an existing store is replaced.
+        chunk_rows: rows per chunk of the per-sample arrays.
+
+    Raises:
+        DataError: `path` exists but is not an embedding store, or it is one written for other
+            splits / embed_dim / attrs (delete it or pass ``resume=False``).
+        ValueError: missing required attrs, bad split names or sizes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        splits: Mapping[str, int],
+        embed_dim: int,
+        attrs: Mapping[str, Any],
+        *,
+        resume: bool = True,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    ) -> None:
+        self.path = Path(path)
+        self._splits = {str(k): int(v) for k, v in splits.items()}
+        self.embed_dim = int(embed_dim)
+        self._check_args(attrs, chunk_rows)
+        self.num_classes = len(attrs["classes"])
+        self._chunk_rows = int(chunk_rows)
+        self._attrs = self._root_attrs(attrs)
+
+        if resume and self._is_store(self.path) and self._try_resume():
+            return
+        self._create()
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _check_args(self, attrs: Mapping[str, Any], chunk_rows: int) -> None:
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        if not self._splits:
+            raise ValueError("splits is empty: give the number of rows of at least one split")
+        for name, n in self._splits.items():
+            if name == TEXT or not _SPLIT_NAME.match(name):
+                raise ValueError(f"invalid split name {name!r}")
+            if n < 0:
+                raise ValueError(f"split {name!r} has a negative row count {n}")
+        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+        if missing:
+            raise ValueError(f"attrs lacks {missing}; required: {list(REQUIRED_ATTRS)}")
+        if not attrs["classes"]:
+            raise ValueError("attrs['classes'] is empty")
+
+    def _root_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        own = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "embed_dim": self.embed_dim,
+            "num_classes": self.num_classes,
+            "splits": dict(self._splits),
+        }
+        for key in _OWN_ATTRS:
+            if key in attrs and key in own and _jsonable(attrs[key]) != _jsonable(own[key]):
+                raise ValueError(f"attrs[{key!r}] = {attrs[key]!r} contradicts {own[key]!r}")
+        try:
+            merged = _jsonable({**attrs, **own})
+        except TypeError as err:
+            raise ValueError(f"attrs must hold JSON values only: {err}") from err
+        merged.pop("initialized", None)
+        return merged
+
+    @staticmethod
+    def _is_store(path: Path) -> bool:
+        return (path / "zarr.json").is_file()
+
+    def _try_resume(self) -> bool:
+        """Reopen an existing store; False if it never finished being created."""
+        try:
+            root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        except Exception as err:  # any unreadable store: refuse rather than wipe it
+            raise DataError(f"{self.path} exists but is not a zarr v3 group: {err}") from err
+        stored = dict(root.attrs)
+        if not stored and not list(root.keys()):
+            log.warning("%s: empty store (creation was interrupted); starting it over", self.path)
+            return False
+        if stored.get("format") != FORMAT:
+            raise DataError(
+                f"{self.path} exists and is not an ECVL embedding store "
+                f"(format={stored.get('format')!r}); delete it or write elsewhere"
+            )
+        if not stored.get("initialized"):
+            log.warning("%s: creation was interrupted; starting it over", self.path)
+            return False
+        stored.pop("initialized", None)
+        if stored != self._attrs:
+            diff = sorted(
+                k for k in stored.keys() | self._attrs.keys() if stored.get(k) != self._attrs.get(k)
+            )
+            raise DataError(
+                f"{self.path} was written with different {diff}; "
+                "delete it or pass resume=False to start over"
+            )
+        self._root = root
+        removed = _remove_partials(self.path)
+        if removed:
+            log.info(
+                "%s: removed %d leftover partial file(s) of a killed write", self.path, removed
+            )
+        log.info("resuming embedding store %s at %s", self.path, self.progress)
+        return True
+
+    def _create(self) -> None:
+        if self.path.exists() and not self._is_store(self.path):
+            if self.path.is_file() or any(self.path.iterdir()):
+                raise DataError(
+                    f"{self.path} exists and is not a zarr store; refusing to overwrite it"
+                )
+        root = zarr.open_group(self.path, mode="w", zarr_format=3)
+        root.attrs.update({**self._attrs, "initialized": False})
+        d = self.embed_dim
+        for name, n in self._splits.items():
+            grp = root.create_group(name)
+            rows = max(1, min(self._chunk_rows, n))
+            grp.create_array("features", shape=(n, d), chunks=(rows, d), dtype="float16")
+            grp.create_array("labels", shape=(n,), chunks=(rows,), dtype="int64", fill_value=-1)
+            grp.create_array("keys", shape=(n,), chunks=(rows,), dtype=str)
+            grp.attrs.update({"num_rows": n, "rows_written": 0, "complete": False})
+        text = root.create_group(TEXT)
+        text.create_array("features", shape=(self.num_classes, d), dtype="float32")
+        text.attrs["complete"] = False
+        # Last: a store without this flag was killed while being created and is redone.
+        root.attrs["initialized"] = True
+        self._root = root
+        log.info("created embedding store %s: splits %s, d=%d", self.path, self._splits, d)
+
+    # -- progress -----------------------------------------------------------------------------
+
+    def _split(self, split: str) -> zarr.Group:
+        if split not in self._splits:
+            raise ValueError(f"unknown split {split!r}; the store has {list(self._splits)}")
+        return self._root[split]
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Rows per split."""
+        return dict(self._splits)
+
+    @property
+    def progress(self) -> dict[str, int]:
+        """Leading rows already written, per split: where a resumed export continues."""
+        return {name: int(self._root[name].attrs["rows_written"]) for name in self._splits}
+
+    def is_complete(self, split: str) -> bool:
+        """True once `mark_complete(split)` was called (also in an earlier run)."""
+        return bool(self._split(split).attrs["complete"])
+
+    @property
+    def text_complete(self) -> bool:
+        """True once the class text features were written."""
+        return bool(self._root[TEXT].attrs["complete"])
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def write(
+        self,
+        split: str,
+        start: int,
+        features: Any,
+        labels: Any,
+        keys: Sequence[str],
+    ) -> None:
+        """Write rows ``start .. start + len(features)`` of `split`, then record the progress.
+
+        Blocks are written in order; a block may start before the recorded progress (rows are
+        rewritten) but not after it, so the written rows are always a prefix.
+
+        Args:
+            split: split name.
+            start: first row of the block.
+            features: n×d array or tensor of projected image embeddings; stored as float16.
+            labels: n class indices in [0, K).
+            keys: n non-empty sample keys.
+
+        Raises:
+            DataError: non-finite features (also after the float16 cast), a label outside
+                [0, K) or an empty key; the message names the split and row.
+            ValueError: a gap after the written rows, a block past the end, wrong shapes, or a
+                split already marked complete.
+        """
+        grp = self._split(split)
+        if grp.attrs["complete"]:
+            raise ValueError(f"split {split!r} of {self.path} is already complete")
+        done = int(grp.attrs["rows_written"])
+        n_rows = self._splits[split]
+        feats = _to_numpy(features)
+        n = len(feats)
+        if start < 0 or start > done:
+            raise ValueError(
+                f"block of {split!r} starts at row {start} but only rows [0, {done}) are written"
+            )
+        if start + n > n_rows:
+            raise ValueError(
+                f"block [{start}, {start + n}) is past the end of {split!r} ({n_rows})"
+            )
+        if feats.ndim != 2 or feats.shape[1] != self.embed_dim:
+            raise ValueError(f"features must be n×{self.embed_dim}, got shape {feats.shape}")
+        lab = _to_numpy(labels)
+        if lab.shape != (n,) or (n and not np.issubdtype(lab.dtype, np.integer)):
+            raise ValueError(f"labels must be {n} integers, got shape {lab.shape} {lab.dtype}")
+        key_list = [str(k) for k in keys]
+        if len(key_list) != n:
+            raise ValueError(f"got {len(key_list)} keys for {n} rows")
+
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+            f16 = feats.astype(np.float16)
+        finite = np.isfinite(f16).all(axis=1)
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite)[0])
+            raise DataError(
+                f"{self.path}/{split}: features of row {row} (key {key_list[row - start]!r}) are "
+                "not finite in float16 (NaN, inf or |x| > 65504)"
+            )
+        lab = lab.astype(np.int64)
+        bad = (lab < 0) | (lab >= self.num_classes)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{self.path}/{split}: label {int(lab[i])} of row {start + i} "
+                f"(key {key_list[i]!r}) is not in [0, {self.num_classes})"
+            )
+        if not all(key_list):
+            i = key_list.index("")
+            raise DataError(f"{self.path}/{split}: row {start + i} has an empty key")
+        if n == 0:
+            return
+
+        end = start + n
+        # Data first, progress second: a kill in between only costs re-writing this block.
+        grp["features"][start:end] = f16
+        grp["labels"][start:end] = lab
+        grp["keys"][start:end] = np.array(key_list, dtype=object)
+        if end > done:
+            grp.attrs["rows_written"] = end
+
+    def mark_complete(self, split: str) -> None:
+        """Mark `split` finished; the reader refuses a store with an unfinished split.
+
+        Raises:
+            ValueError: not every row of the split was written.
+        """
+        grp = self._split(split)
+        done = int(grp.attrs["rows_written"])
+        if done != self._splits[split]:
+            raise ValueError(
+                f"split {split!r} of {self.path} has {done} of {self._splits[split]} rows written"
+            )
+        grp.attrs["complete"] = True
+        log.info("%s: split %r complete (%d rows)", self.path, split, done)
+
+    def write_text_features(self, features: Any) -> None:
+        """Write the K class text embeddings u_c (already L2-normalised) and mark them complete.
+
+        Raises:
+            ValueError: the shape is not K×d, or a row is not finite or not of unit norm.
+        """
+        text = _to_numpy(features).astype(np.float32)
+        expected = (self.num_classes, self.embed_dim)
+        if text.shape != expected:
+            raise ValueError(f"text features must have shape {expected}, got {text.shape}")
+        norms = np.linalg.norm(text, axis=1)
+        if not np.all(np.abs(norms - 1.0) <= _NORM_TOL):
+            i = int(np.flatnonzero(~(np.abs(norms - 1.0) <= _NORM_TOL))[0])
+            raise ValueError(f"text features must be L2-normalised; row {i} has norm {norms[i]}")
+        self._root[TEXT]["features"][...] = text
+        self._root[TEXT].attrs["complete"] = True
+
+
+def _remove_partials(root: Path) -> int:
+    removed = 0
+    for p in root.rglob("*.partial"):
+        if p.is_file() and _PARTIAL.search(p.name):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split's rows; numpy arrays, or zarr arrays (sliceable the same way) when lazy.
+
+    Attributes:
+        features: float16 N×d projected image embeddings (not normalised).
+        labels: int64 N.
+        keys: N sample keys (object array of str when loaded).
+    """
+
+    features: Any
+    labels: Any
+    keys: Any
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class Embeddings:
+    """A validated, complete embedding store (see `open_embeddings`)."""
+
+    def __init__(self, path: Path, root: zarr.Group) -> None:
+        self.path = path
+        self._root = root
+        self.attrs: dict[str, Any] = dict(root.attrs)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.attrs["model_name"])
+
+    @property
+    def checkpoint_digest(self) -> str:
+        return str(self.attrs["checkpoint_digest"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.attrs["embed_dim"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.attrs["num_classes"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs["classes"])
+
+    @property
+    def templates(self) -> list[str]:
+        return list(self.attrs["templates"])
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Split names in the order they were written."""
+        return tuple(self.attrs["splits"])
+
+    def __contains__(self, split: object) -> bool:
+        return split in self.attrs["splits"]
+
+    def split(self, name: str, *, lazy: bool = False) -> SplitData:
+        """Features, labels and keys of split `name`.
+
+        Args:
+            name: split name.
+            lazy: return the zarr arrays instead of loading them into memory.
+
+        Raises:
+            DataError: the store has no such split.
+        """
+        if name not in self:
+            raise DataError(f"{self.path} has no split {name!r}; it has {list(self.splits)}")
+        grp = self._root[name]
+        if lazy:
+            return SplitData(grp["features"], grp["labels"], grp["keys"])
+        return SplitData(
+            grp["features"][...],
+            grp["labels"][...],
+            np.asarray(grp["keys"][...], dtype=object),
+        )
+
+    def text_features(self) -> np.ndarray:
+        """float32 K×d L2-normalised class text embeddings."""
+        return self._root[TEXT]["features"][...]
+
+
+def _array(grp: zarr.Group, name: str, where: str) -> zarr.Array:
+    node = grp.get(name)
+    if not isinstance(node, zarr.Array):
+        raise DataError(f"{where}: array {name!r} is missing")
+    return node
+
+
+def _check_array(arr: zarr.Array, where: str, shape: tuple[int, ...], dtype: str) -> None:
+    if tuple(arr.shape) != shape:
+        raise DataError(f"{where}: shape {tuple(arr.shape)}, expected {shape}")
+    ok = arr.dtype.kind in "TOU" if dtype == "string" else arr.dtype == np.dtype(dtype)
+    if not ok:
+        raise DataError(f"{where}: dtype {arr.dtype}, expected {dtype}")
+
+
+def open_embeddings(path: str | os.PathLike[str], *, splits: Sequence[str] = ()) -> Embeddings:
+    """Open and validate a finished embedding store.
+
+    Every split listed in the store and the text features must be complete and have the
+    shapes the attributes announce, so a consumer never sees a half-written export.
+
+    Args:
+        path: store directory.
+        splits: splits the caller needs; each must be present.
+
+    Returns:
+        The validated store.
+
+    Raises:
+        DataError: the store is missing or unreadable, lacks attributes, a split or an array,
+            holds an incomplete split or text features, or an array has the wrong shape/dtype.
+            The message names the path and what is wrong.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"embedding store not found: {p}")
+    try:
+        root = zarr.open_group(p, mode="r", zarr_format=3)
+    except Exception as err:
+        raise DataError(f"{p} is not a zarr v3 group: {err}") from err
+    attrs = dict(root.attrs)
+    if attrs.get("format") != FORMAT:
+        raise DataError(f"{p} is not an ECVL embedding store (format={attrs.get('format')!r})")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{p} has format_version {attrs.get('format_version')!r}; "
+            f"this ECVL reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in (*REQUIRED_ATTRS, "embed_dim", "num_classes", "splits") if k not in attrs]
+    if missing:
+        raise DataError(f"{p}: root attributes {missing} are missing")
+    if not attrs.get("initialized"):
+        raise DataError(f"{p}: the store was never fully created (export interrupted)")
+    d, k = int(attrs["embed_dim"]), int(attrs["num_classes"])
+    if len(attrs["classes"]) != k:
+        raise DataError(f"{p}: {len(attrs['classes'])} class names but num_classes = {k}")
+
+    for name, n in attrs["splits"].items():
+        grp = root.get(name)
+        if not isinstance(grp, zarr.Group):
+            raise DataError(f"{p}: split group {name!r} is missing")
+        where = f"{p}/{name}"
+        done, complete = grp.attrs.get("rows_written"), grp.attrs.get("complete")
+        if not complete:
+            raise DataError(
+                f"{where} is incomplete ({done} of {n} rows written); the export was "
+                "interrupted: re-run it"
+            )
+        for array, shape, dtype in (
+            ("features", (n, d), "float16"),
+            ("labels", (n,), "int64"),
+            ("keys", (n,), "string"),
+        ):
+            _check_array(_array(grp, array, where), f"{where}/{array}", shape, dtype)
+    text = root.get(TEXT)
+    if not isinstance(text, zarr.Group):
+        raise DataError(f"{p}: group {TEXT!r} is missing")
+    if not text.attrs.get("complete"):
+        raise DataError(f"{p}/{TEXT}: class text features were never written (export interrupted)")
+    _check_array(_array(text, "features", f"{p}/{TEXT}"), f"{p}/{TEXT}/features", (k, d), "float32")
+
+    store = Embeddings(p, root)
+    for name in splits:
+        if name not in store:
+            raise DataError(f"{p} has no split {name!r}; it has {list(store.splits)}")
+    return store

@@ -1,0 +1,202 @@
+"""Read shards back safely: webdataset 1.x pipelines with an explicit decode allow-list.
+
+Only image members (PNG/JPEG/WebP/BMP through PIL), `.cls` (ASCII integer) and `.json` are
+ever decoded; every other member of a sample (`.pyd`, `.pickle`, `.pth`, ...) is dropped
+unread, so a shard can never make us unpickle anything.
+
+Training pipelines are infinite: each rank cycles over its own shards (shard order reshuffled
+per pass with a seed shared by all ranks, so the per-rank sets are disjoint), shuffles samples
+in a seeded buffer and yields fixed-size batches; the training loop takes a fixed number of
+steps per epoch. With one process and one worker an epoch of `N // batch` steps is one exact
+pass over the data. Evaluation pipelines read every sample once, in shard order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator
+from itertools import count, islice
+
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ecvl.data.sources import IMAGE_EXTENSIONS
+from ecvl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_META_KEYS = ("__key__", "__url__", "__local_path__")
+_IMAGE_EXTS = frozenset(IMAGE_EXTENSIONS) | {"jpg"}
+
+
+def worker_info() -> tuple[int, int, int, int]:
+    """(rank, world_size, worker, num_workers) as webdataset sees them."""
+    return wds.utils.pytorch_worker_info()
+
+
+def decode_sample(sample: dict) -> dict:
+    """Decode the allow-listed members of a raw webdataset sample; drop everything else.
+
+    Returns:
+        dict with `key`, `image` (PIL RGB), `label` (int), `meta` (dict or None), `url`.
+
+    Raises:
+        DataError: a sample without exactly one image or without a label, or an undecodable
+            member; the message names the key and the shard.
+    """
+    key, url = sample.get("__key__"), sample.get("__url__")
+    where = f"sample {key!r} in {url}"
+    images = [k for k in sample if k not in _META_KEYS and k.lower() in _IMAGE_EXTS]
+    if len(images) != 1:
+        raise DataError(f"{where}: expected one image member, found {sorted(images) or 'none'}")
+    if "cls" not in sample:
+        raise DataError(f"{where}: no .cls member")
+    try:
+        with Image.open(io.BytesIO(sample[images[0]])) as im:
+            image = im.convert("RGB")
+        label = int(sample["cls"].decode("ascii").strip())
+        meta = json.loads(sample["json"]) if "json" in sample else None
+    except Exception as e:  # PIL, int() and json raise assorted types
+        raise DataError(f"{where}: cannot decode ({e})") from None
+    return {"key": key, "image": image, "label": label, "meta": meta, "url": url}
+
+
+def rank_shards(
+    urls: list[str],
+    seed: int,
+    epoch: int,
+    pass_index: int,
+    rank: int,
+    world: int,
+    worker: int,
+    workers: int,
+) -> list[str]:
+    """The shards one worker of one rank reads in one pass: a shuffle shared by every rank
+    (same seed), then a strided split by rank and by worker, so the sets are disjoint and
+    together cover every shard."""
+    order = list(urls)
+    random.Random(f"{seed}-{epoch}-{pass_index}").shuffle(order)
+    return order[rank::world][worker::workers]
+
+
+def _train_samples(urls: list[str], seed: int, epoch: int, bufsize: int) -> Callable:
+    """Endless raw samples of this rank/worker: pass after pass over its shards, each pass in
+    a new shard order and shuffled in a seeded buffer that is drained at the end of the pass
+    (so a pass never mixes with the next, and N samples from one worker are one exact pass)."""
+
+    def source() -> Iterator[dict]:
+        rank, world, worker, workers = worker_info()
+        rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}")
+        for pass_index in count():
+            mine = rank_shards(urls, seed, epoch, pass_index, rank, world, worker, workers)
+            if not mine:
+                return
+            samples = wds.tarfile_to_samples()(iter([{"url": u} for u in mine]))
+            if bufsize > 1:
+                samples = wds.filters._shuffle(samples, bufsize, min(bufsize, 100), rng)
+            yield from samples
+
+    return source
+
+
+def _to_tuple(transform: Callable) -> Callable:
+    def stage(src: Iterator[dict]) -> Iterator[tuple]:
+        for s in src:
+            yield transform(s["image"]), s["label"], s["key"]
+
+    return stage
+
+
+def check_shard_count(num_shards: int, world_size: int, num_workers: int) -> int:
+    """Workers per rank that every get at least one shard; raises when ranks would starve.
+
+    Raises:
+        DataError: fewer shards than ranks.
+    """
+    if num_shards < world_size:
+        raise DataError(
+            f"{num_shards} shard(s) for {world_size} ranks: every rank needs one "
+            "(write smaller shards: lower `shard.maxcount`)"
+        )
+    usable = max(1, min(num_workers, num_shards // world_size))
+    if usable < num_workers:
+        log.info(
+            "using %d data worker(s) instead of %d: %d shard(s) per rank",
+            usable,
+            num_workers,
+            num_shards // world_size,
+        )
+    return usable
+
+
+def train_pipeline(
+    urls: list[str],
+    transform: Callable,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle_buffer: int = 1000,
+) -> wds.DataPipeline:
+    """Infinite batches `(images B×C×H×W, labels B, keys list)` of this rank's shards."""
+    return wds.DataPipeline(
+        _train_samples(urls, seed, epoch, shuffle_buffer),
+        wds.map(decode_sample),
+        _to_tuple(transform),
+        wds.batched(batch_size, partial=False),
+    )
+
+
+def eval_pipeline(urls: list[str], transform: Callable, batch_size: int) -> wds.DataPipeline:
+    """Every sample of `urls` once, in shard order, split by worker (not by rank)."""
+    return wds.DataPipeline(
+        wds.SimpleShardList(list(urls)),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.map(decode_sample),
+        _to_tuple(transform),
+        wds.batched(batch_size, partial=True),
+    )
+
+
+def make_loader(
+    pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader over an already-batched pipeline (workers overlap decoding with compute)."""
+    return DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def take(loader: DataLoader, steps: int) -> Iterator:
+    """The first `steps` batches of an infinite training loader."""
+    return islice(iter(loader), steps)
+
+
+def iter_samples(urls: list[str]) -> Iterator[dict]:
+    """Decoded samples of `urls` in shard order (no workers): for tests and small tools."""
+    pipe = wds.DataPipeline(
+        wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(), wds.map(decode_sample)
+    )
+    yield from pipe
+
+
+__all__ = [
+    "check_shard_count",
+    "decode_sample",
+    "rank_shards",
+    "eval_pipeline",
+    "iter_samples",
+    "make_loader",
+    "take",
+    "train_pipeline",
+    "worker_info",
+]

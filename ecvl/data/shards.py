@@ -1,0 +1,216 @@
+"""Byte-reproducible webdataset shards and their manifest (`meta.json`).
+
+A sample is `<key>.<png|jpg|...>` (the original file bytes for file sources, PNG for arrays),
+`<key>.cls` (the label as ASCII) and `<key>.json` (key, label, class name). Tar headers carry
+a fixed mtime, owner and mode, and samples are written in the order given, so the same input
+gives the same bytes. Images that cannot be decoded are skipped, counted and listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from ecvl.data.sources import IMAGE_EXTENSIONS, Split
+from ecvl.errors import DataError, EcvlError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "meta.json"
+MANIFEST_FORMAT = "ecvl-shards/1"
+SHARD_MTIME = 0.0  # 1970-01-01: reproducible tars (webdataset defaults to "now")
+
+
+@dataclass
+class SplitShards:
+    """What was written for one split."""
+
+    name: str
+    count: int = 0
+    per_class: list[int] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
+    bad: list[dict] = field(default_factory=list)
+    fingerprint: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "count": self.count,
+            "per_class": self.per_class,
+            "shards": self.shards,
+            "bad": self.bad,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def check_image(data: bytes, ext: str) -> None:
+    """Raise ValueError unless `data` is a fully decodable image in an allowed format."""
+    if ext not in IMAGE_EXTENSIONS and ext != "jpg":
+        raise ValueError(f"unsupported image format {ext!r}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as e:  # PIL raises many types for broken files
+        raise ValueError(f"cannot decode image: {e}") from None
+
+
+def write_split_shards(
+    split: Split,
+    split_name: str,
+    classes: tuple[str, ...],
+    out_dir: Path,
+    maxcount: int = 1000,
+    max_bad_fraction: float = 0.0,
+    progress: bool = True,
+) -> SplitShards:
+    """Write `split` as `<out_dir>/<split_name>-NNNNNN.tar` shards of at most `maxcount` samples.
+
+    Raises:
+        DataError: more than `max_bad_fraction` of the split's images are unreadable.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = SplitShards(split_name, per_class=[0] * len(classes))
+    digest = hashlib.sha256()
+    pattern = str(out_dir / f"{split_name}-%06d.tar")
+    # Shards roll over on count only (no size limit), so shard i holds samples
+    # [i*maxcount, (i+1)*maxcount) of those written.
+    with wds.ShardWriter(
+        pattern,
+        maxcount=maxcount,
+        maxsize=float("inf"),
+        verbose=0,
+        mtime=SHARD_MTIME,
+        encoder=False,
+    ) as sink:
+        it = tqdm(range(len(split)), desc=f"shard {split_name}", unit="img", disable=not progress)
+        for i in it:
+            key, label = split.keys[i], int(split.labels[i])
+            try:
+                data, ext = split.image_bytes(i)
+                check_image(data, ext)
+            except (ValueError, EcvlError) as e:
+                result.bad.append({"key": key, "error": str(e)})
+                continue
+            meta = {"key": key, "label": label, "class": classes[label]}
+            sink.write(
+                {
+                    "__key__": key,
+                    ext: data,
+                    "cls": str(label).encode("ascii"),
+                    "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+                }
+            )
+            digest.update(f"{key}\t{label}\t".encode() + hashlib.sha256(data).digest())
+            result.count += 1
+            result.per_class[label] += 1
+    sizes = [maxcount] * (result.count // maxcount) + [result.count % maxcount] * bool(
+        result.count % maxcount
+    )
+    result.shards = [{"name": Path(pattern % i).name, "count": n} for i, n in enumerate(sizes)]
+    result.fingerprint = digest.hexdigest()
+    total = len(split)
+    if result.bad:
+        log.warning("%s: skipped %d unreadable image(s) of %d", split_name, len(result.bad), total)
+        if len(result.bad) > max_bad_fraction * total:
+            first = result.bad[0]
+            raise DataError(
+                f"{split_name}: {len(result.bad)} of {total} images are unreadable "
+                f"(more than max_bad_fraction={max_bad_fraction}); first: {first['key']}: "
+                f"{first['error']}"
+            )
+    return result
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed `meta.json` of a shard directory."""
+
+    root: Path
+    data: dict
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.data["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data["classes"])
+
+    @property
+    def class_groups(self) -> list[str]:
+        return list(self.data["class_groups"])
+
+    @property
+    def train_counts(self) -> list[int]:
+        return list(self.data["splits"]["train"]["per_class"])
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.data["splits"])
+
+    def count(self, split: str) -> int:
+        return int(self._split(split)["count"])
+
+    def shard_paths(self, split: str) -> list[str]:
+        return [str(self.root / s["name"]) for s in self._split(split)["shards"]]
+
+    def shard_counts(self, split: str) -> list[int]:
+        return [int(s["count"]) for s in self._split(split)["shards"]]
+
+    def eval_split(self) -> str:
+        """The split to evaluate on during training: val when there is one, else test."""
+        for name in ("val", "test"):
+            if name in self.data["splits"]:
+                return name
+        raise DataError(f"{self.root}: no val or test split to evaluate on")
+
+    def _split(self, split: str) -> dict:
+        try:
+            return self.data["splits"][split]
+        except KeyError:
+            raise DataError(
+                f"{self.root / MANIFEST}: no split {split!r} "
+                f"(have: {', '.join(self.data['splits'])})"
+            ) from None
+
+
+def write_manifest(out_dir: Path, data: dict) -> None:
+    payload = {"format": MANIFEST_FORMAT, **data}
+    (out_dir / MANIFEST).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def load_manifest(shard_dir: Path | str) -> Manifest:
+    """Read and check a shard directory's manifest.
+
+    Raises:
+        DataError: the directory, manifest or a listed shard is missing, or the format is
+            not one this version reads.
+    """
+    root = Path(shard_dir)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise DataError(f"shard manifest not found: {path} (run `ecvl shard` first)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if data.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{path}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    manifest = Manifest(root, data)
+    for split in manifest.splits:
+        for shard in manifest.shard_paths(split):
+            if not Path(shard).is_file():
+                raise DataError(f"{path}: listed shard is missing: {shard}")
+    return manifest
+
+
+def class_histogram(labels: np.ndarray, num_classes: int) -> list[int]:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()

@@ -1,0 +1,499 @@
+"""Where images come from: the embedded `digits`, CIFAR-100, ImageNet-LT / Places-LT lists,
+image folders, `path label` lists and `.npz` arrays.
+
+Each source is a small frozen config (the fields a user sets) whose `load()` returns the
+class names and the splits the source itself defines. Carving held-out, long-tailed and
+validation splits is `ecvl.data.splits`' job, not the source's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image
+
+from ecvl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass
+class Split:
+    """One split: stable keys, integer labels and, per sample, a pixel array or a file."""
+
+    keys: list[str]
+    labels: np.ndarray
+    images: np.ndarray | None = None  # N×H×W×3 uint8, for array sources
+    paths: list[Path] | None = None  # encoded image files, for file sources
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.keys)
+        if len(self.labels) != n:
+            raise DataError(f"{n} keys but {len(self.labels)} labels")
+        if (self.images is None) == (self.paths is None):
+            raise ValueError("a Split holds either images or paths")
+        if len(self.images if self.images is not None else self.paths) != n:
+            raise DataError(f"{n} keys but a different number of images")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, idx: np.ndarray) -> Split:
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split(
+            keys=[self.keys[i] for i in idx],
+            labels=self.labels[idx],
+            images=None if self.images is None else self.images[idx],
+            paths=None if self.paths is None else [self.paths[i] for i in idx],
+        )
+
+    def image_bytes(self, i: int) -> tuple[bytes, str]:
+        """The encoded image and its extension: the file's own bytes, or a PNG of the array."""
+        if self.paths is not None:
+            path = self.paths[i]
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
+            ext = path.suffix.lower().lstrip(".")
+            return data, "jpg" if ext == "jpeg" else ext
+        return encode_png(self.images[i]), "png"
+
+
+@dataclass
+class LoadedSource:
+    """What a source provides before any carving: class names and its own splits."""
+
+    classes: tuple[str, ...]
+    splits: dict[str, Split]
+
+    def __post_init__(self) -> None:
+        check_classes(self.classes, where="class names")
+        for name, split in self.splits.items():
+            check_labels(split.labels, len(self.classes), where=f"{name} split")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Deterministic PNG bytes (no timestamps or metadata) for an H×W×3 uint8 array."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def make_key(text: str) -> str:
+    """A tar- and webdataset-safe key (no dots or slashes) derived from a source id."""
+    return _KEY_UNSAFE.sub("_", text).strip("_") or "_"
+
+
+def check_classes(classes: tuple[str, ...], where: str) -> None:
+    if not classes:
+        raise DataError(f"{where}: no classes")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(classes):
+        if not name.strip():
+            raise DataError(f"{where}: class {i} has an empty name")
+        if name in seen:
+            raise DataError(
+                f"{where}: duplicate class name {name!r} (classes {seen[name]} and {i})"
+            )
+        seen[name] = i
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(
+            f"{where}: label {int(labels[i])} at row {i} is out of range [0, {num_classes})"
+            + (f" ({len(bad)} such rows)" if len(bad) > 1 else "")
+        )
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Array sources
+
+
+@dataclass(frozen=True)
+class DigitsSource:
+    """scikit-learn's bundled digits (1,797 real 8×8 images), upscaled to RGB.
+
+    Ships with scikit-learn, so the default pipeline needs no download. The source has no
+    test split of its own: hold one out with the split plan.
+    """
+
+    name: ClassVar[str] = "digits"
+    image_size: int = 32
+
+    def load(self) -> LoadedSource:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        gray = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+        size = (self.image_size, self.image_size)
+        images = np.stack(
+            [
+                np.asarray(Image.fromarray(g, "L").resize(size, Image.BICUBIC).convert("RGB"))
+                for g in gray
+            ]
+        )
+        names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+        keys = [f"digits_{i:05d}" for i in range(len(images))]
+        return LoadedSource(names, {"train": Split(keys, digits.target, images=images)})
+
+
+@dataclass(frozen=True)
+class NpzSource:
+    """One `.npz` per split with `images` (N×H×W×3 uint8), `labels` (int), `classes` (str).
+
+    Read with `allow_pickle=False`: an object array (which would need unpickling) is refused.
+    """
+
+    name: ClassVar[str] = "npz"
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+
+    def load(self) -> LoadedSource:
+        classes: tuple[str, ...] | None = None
+        splits = {}
+        for split_name in SPLITS:
+            path = getattr(self, split_name)
+            if path is None:
+                continue
+            split, split_classes = load_npz_split(Path(path), prefix=split_name)
+            if classes is None:
+                classes = split_classes
+            elif split_classes != classes:
+                raise DataError(f"{path}: `classes` differ from those of the other splits")
+            splits[split_name] = split
+        if classes is None:
+            raise DataError("npz source: give at least one of `train`, `val`, `test`")
+        return LoadedSource(classes, splits)
+
+
+def load_npz_split(path: Path, prefix: str) -> tuple[Split, tuple[str, ...]]:
+    """Read one split from an `.npz` file without unpickling anything."""
+    _require_file(path, "npz file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"images", "labels", "classes"} - set(z.files)
+            if missing:
+                raise DataError(f"{path}: missing array(s) {sorted(missing)}")
+            images, labels, classes = z["images"], z["labels"], z["classes"]
+    except ValueError as e:  # object arrays need pickle, which we refuse
+        raise DataError(f"{path}: cannot read without unpickling ({e})") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise DataError(
+            f"{path}: `images` must be N×H×W×3 uint8, got shape {images.shape} dtype {images.dtype}"
+        )
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{path}: `labels` must be a 1-D integer array, got {labels.dtype} {labels.shape}"
+        )
+    if len(labels) != len(images):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    if classes.dtype.kind != "U" or classes.ndim != 1:
+        raise DataError(f"{path}: `classes` must be a 1-D string array, got {classes.dtype}")
+    names = tuple(str(c) for c in classes)
+    check_classes(names, where=f"{path}: classes")
+    check_labels(labels, len(names), where=str(path))
+    keys = [f"{prefix}_{i:07d}" for i in range(len(images))]
+    return Split(keys, labels, images=images), names
+
+
+# The official CIFAR-100 python files are pickles. We unpickle only files whose MD5 matches
+# the published release, and even then through an unpickler that can build nothing but
+# numpy arrays, lists, dicts and strings.
+CIFAR100_MD5 = {
+    "train": "16019d7e3df5f24257cddd939b257f8d",
+    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "meta": "7973b15100ade9c7d40fb424638fde48",
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Builds numpy arrays and plain containers, nothing else."""
+
+    def find_class(self, module: str, name: str):
+        import codecs
+
+        from numpy._core.multiarray import _reconstruct
+
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by py3
+        }
+        try:
+            return allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+
+
+def load_restricted_pickle(path: Path, expected_md5: str | None) -> object:
+    data = _require_file(path, "CIFAR-100 file").read_bytes()
+    if expected_md5 is not None and hashlib.md5(data).hexdigest() != expected_md5:
+        raise DataError(
+            f"{path}: MD5 does not match the official CIFAR-100 release; refusing to unpickle it"
+        )
+    try:
+        return _ArrayOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: not a CIFAR-100 python file ({e})") from None
+
+
+@dataclass(frozen=True)
+class Cifar100Source:
+    """The standard `cifar-100-python/` files under `root` (fine labels, official order).
+
+    With `download: true`, torchvision fetches and verifies the archive first (needs internet).
+    """
+
+    name: ClassVar[str] = "cifar100"
+    root: Path = Path("data/raw")
+    download: bool = False
+    verify_md5: bool = True
+
+    def load(self) -> LoadedSource:
+        base = Path(self.root) / "cifar-100-python"
+        if not base.is_dir():
+            if not self.download:
+                raise DataError(
+                    f"CIFAR-100 not found: {base} "
+                    "(set `download: true` to fetch it with torchvision)"
+                )
+            from torchvision.datasets import CIFAR100
+
+            CIFAR100(str(self.root), train=True, download=True)
+        md5 = CIFAR100_MD5 if self.verify_md5 else dict.fromkeys(CIFAR100_MD5)
+        meta = load_restricted_pickle(base / "meta", md5["meta"])
+        classes = tuple(str(c) for c in meta["fine_label_names"])
+        splits = {}
+        for split_name in ("train", "test"):
+            raw = load_restricted_pickle(base / split_name, md5[split_name])
+            images = (
+                np.asarray(raw["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            )
+            labels = np.asarray(raw["fine_labels"], dtype=np.int64)
+            keys = [f"cifar100_{split_name}_{i:05d}" for i in range(len(labels))]
+            splits[split_name] = Split(keys, labels, images=np.ascontiguousarray(images))
+        return LoadedSource(classes, splits)
+
+
+# --------------------------------------------------------------------------------------------
+# File sources
+
+
+def read_classnames(path: Path) -> tuple[str, ...]:
+    """Class names, one per line; also reads Places365's `categories_places365.txt`
+    (`/a/airfield 0`) and strips its `/x/` prefix."""
+    names = []
+    for raw in _require_file(path, "class-names file").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"/[a-z]/(\S+)\s+\d+", line)
+        names.append(m.group(1).replace("/", " ").replace("_", " ") if m else line)
+    return tuple(names)
+
+
+def read_list_file(path: Path, root: Path) -> tuple[list[Path], np.ndarray]:
+    """Parse `relative/path label` lines (whitespace or comma separated; `#` comments)."""
+    paths, labels = [], []
+    text = _require_file(path, "split list").read_text(encoding="utf-8")
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = re.split(r"\s*,\s*|\s+(?=\S+$)", line)
+        if len(parts) != 2:
+            raise DataError(f"{path}:{lineno}: expected `path label`, got {raw!r}")
+        rel, label = parts
+        try:
+            labels.append(int(label))
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: label {label!r} is not an integer") from None
+        paths.append(root / rel)
+    if not paths:
+        raise DataError(f"{path}: no samples listed")
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def _file_split(paths: list[Path], labels: np.ndarray, root: Path, where: str) -> Split:
+    keys = []
+    for p in paths:
+        try:
+            rel = p.relative_to(root)
+        except ValueError:
+            rel = p
+        keys.append(make_key(str(rel.with_suffix(""))))
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))
+        raise DataError(f"{where}: two images map to the same key {dup!r} (listed twice?)")
+    return Split(keys, labels, paths=list(paths))
+
+
+@dataclass(frozen=True)
+class ListSource:
+    """Split lists of `relative/path label` lines plus an image root (any user's data)."""
+
+    name: ClassVar[str] = "list"
+    root: Path = Path(".")
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+    classnames: Path | None = None
+
+    def default_classnames(self, num_classes: int) -> tuple[str, ...]:
+        log.warning("no `classnames` file given: prompts will use 'class 0', 'class 1', ...")
+        return tuple(f"class {i}" for i in range(num_classes))
+
+    def load(self) -> LoadedSource:
+        root = _require_dir(Path(self.root), "image root")
+        listed = {}
+        for split_name in SPLITS:
+            path = getattr(self, split_name)
+            if path is not None:
+                listed[split_name] = (Path(path), *read_list_file(Path(path), root))
+        if not listed:
+            raise DataError(f"{self.name} source: give at least one of `train`, `val`, `test`")
+        if self.classnames is not None:
+            classes = read_classnames(Path(self.classnames))
+        else:
+            num = 1 + max(int(labels.max()) for _, _, labels in listed.values())
+            classes = self.default_classnames(num)
+        splits = {}
+        for split_name, (path, paths, labels) in listed.items():
+            check_labels(labels, len(classes), where=str(path))
+            splits[split_name] = _file_split(paths, labels, root, where=str(path))
+        return LoadedSource(classes, splits)
+
+
+@dataclass(frozen=True)
+class ImageNetLTSource(ListSource):
+    """ImageNet-LT: `ImageNet_LT_{train,val,test}.txt` over an ImageNet root; class names
+    from open_clip's ImageNet list unless a file is given."""
+
+    name: ClassVar[str] = "imagenet_lt"
+
+    def default_classnames(self, num_classes: int) -> tuple[str, ...]:
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        if num_classes > len(IMAGENET_CLASSNAMES):
+            raise DataError(f"labels go up to {num_classes - 1}; ImageNet has 1000 classes")
+        names = list(IMAGENET_CLASSNAMES)
+        # CLIP's curated list names two pairs of synsets alike; use the other WordNet lemma
+        # (744 "projectile, missile", 836 "sunglass") so every class has its own prompt.
+        names[744], names[836] = "projectile", "sunglass"
+        return tuple(names)
+
+
+@dataclass(frozen=True)
+class PlacesLTSource(ListSource):
+    """Places-LT: `Places_LT_{train,val,test}.txt` over a Places365 root; class names from
+    Places365's `categories_places365.txt` (give it as `classnames`)."""
+
+    name: ClassVar[str] = "places_lt"
+
+    def default_classnames(self, num_classes: int) -> tuple[str, ...]:
+        raise DataError(
+            "places_lt needs `classnames`: the path of Places365's categories_places365.txt"
+        )
+
+
+@dataclass(frozen=True)
+class ImageFolderSource:
+    """A folder per class: `root/<split>/<class>/*.jpg`, or `root/<class>/*.jpg` (train only).
+    Class names are the train folder names, underscores read as spaces in prompts."""
+
+    name: ClassVar[str] = "imagefolder"
+    root: Path = Path(".")
+
+    def load(self) -> LoadedSource:
+        root = _require_dir(Path(self.root), "image folder root")
+        split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+        if "train" not in split_dirs:
+            split_dirs = {"train": root}
+        classes = tuple(sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir()))
+        if not classes:
+            raise DataError(f"{split_dirs['train']}: no class folders")
+        index = {c: i for i, c in enumerate(classes)}
+        splits = {}
+        for split_name, split_dir in split_dirs.items():
+            paths, labels = [], []
+            for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+                if class_dir.name not in index:
+                    raise DataError(f"{class_dir}: class folder not present in the train split")
+                for f in sorted(class_dir.iterdir()):
+                    if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                        paths.append(f)
+                        labels.append(index[class_dir.name])
+            if not paths:
+                raise DataError(
+                    f"{split_dir}: no images (extensions {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            splits[split_name] = _file_split(paths, np.asarray(labels), root, where=str(split_dir))
+        return LoadedSource(classes, splits)
+
+
+SOURCES: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        DigitsSource,
+        Cifar100Source,
+        NpzSource,
+        ImageNetLTSource,
+        PlacesLTSource,
+        ImageFolderSource,
+        ListSource,
+    )
+}
+
+
+def source_config_class(name: str) -> type:
+    """The config class registered for a source name; lists the known names when unknown."""
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise KeyError(f"unknown source {name!r} (known: {', '.join(sorted(SOURCES))})") from None
+
+
+__all__ = [
+    "SOURCES",
+    "SPLITS",
+    "LoadedSource",
+    "Split",
+    "source_config_class",
+    "encode_png",
+    "make_key",
+]

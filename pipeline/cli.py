@@ -1,0 +1,91 @@
+"""The `ecvl` command: one subcommand per DVC stage, each `ecvl <stage> --params params.yaml`.
+
+Exit codes: 0 success; 1 a data, model or training problem (one line, no traceback);
+2 bad params or usage (one line naming the key); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+import click
+
+from ecvl.errors import EcvlError
+from pipeline.params import load_params
+from pipeline.schema import ParamsError
+
+STAGES = ("shard",)
+
+log = logging.getLogger("ecvl")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def run_stage(stage: str, params_path: str) -> None:
+    """Validate the params, then run `pipeline.<stage>.run(params)` with clean error exits."""
+    try:
+        params = load_params(params_path)
+    except ParamsError as e:
+        _fail(str(e), 2)
+    module = importlib.import_module(f"pipeline.{stage}")
+    try:
+        module.run(params)
+    except ParamsError as e:
+        _fail(str(e), 2)
+    except EcvlError as e:
+        _fail(f"{stage}: {e}", 1)
+    except KeyboardInterrupt:
+        _fail(f"{stage}: interrupted; outputs were left as they were", 130)
+
+
+def _stage_command(stage: str, summary: str) -> Callable:
+    @click.option(
+        "--params",
+        "params_path",
+        default="params.yaml",
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="Params file (validated before any work starts).",
+    )
+    @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+    def command(params_path: str, verbose: bool) -> None:
+        _setup_logging(verbose)
+        run_stage(stage, params_path)
+
+    command.__doc__ = summary
+    return click.command(name=stage)(command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ecvl")
+def main() -> None:
+    """ECVL: long-tailed classification with CLIP-style models, as DVC stages.
+
+    Run the whole pipeline with `dvc repro`, or one stage with `ecvl <stage> --params params.yaml`.
+    """
+
+
+_SUMMARIES = {
+    "shard": "Source data -> long-tailed splits -> webdataset shards and meta.json.",
+}
+
+for _stage in STAGES:
+    main.add_command(_stage_command(_stage, _SUMMARIES[_stage]))
+
+
+if __name__ == "__main__":
+    main()

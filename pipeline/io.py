@@ -1,0 +1,117 @@
+"""Atomic outputs: write under a temporary name next to the target, then rename.
+
+An interrupted stage leaves the previous output (or nothing) and a `.tmp-*` sibling that the
+next run removes; never a half-written file or directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _tmp_sibling(path: Path, kind: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        _remove(stale)
+    # mkdtemp/mkstemp create private (0700/0600) entries; give outputs the usual modes.
+    if kind == "dir":
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp.chmod(0o777 & ~_umask())
+        return tmp
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    Path(name).chmod(0o666 & ~_umask())
+    return Path(name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Yield a fresh temp directory that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    tmp = _tmp_sibling(path, "dir")
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield a temp file path that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    tmp = _tmp_sibling(path, "file")
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync(tmp)
+    replace(tmp, path)
+
+
+def replace(src: Path, dst: Path) -> None:
+    """Move `src` onto `dst`; an existing directory at `dst` is swapped out, then removed."""
+    if dst.is_dir() and not dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.tmp-old")
+        _remove(old)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        _remove(old)
+    else:
+        os.replace(src, dst)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """Atomically write `data` as indented JSON (NaN/inf become null)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+
+
+def write_text(path: Path | str, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)

@@ -1,0 +1,128 @@
+"""`params.yaml`, validated once at the edge into frozen, typed objects.
+
+One section per stage (the section name is the stage name) plus the shared `base` and
+`paths`. Each stage reads only its own section and the shared ones; the library receives
+plain arguments built from these objects, never the params file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ecvl.data.sources import SOURCES
+from pipeline.schema import ParamsError, bounds, build
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    """Shared by every stage."""
+
+    seed: int = field(default=0, metadata=bounds(ge=0))
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = field(default=2, metadata=bounds(ge=0))
+    progress: bool = True
+
+    def check(self, where: str) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ParamsError(
+                f"{where}.device: must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+            )
+
+
+@dataclass(frozen=True)
+class PathsParams:
+    """Every artifact path, written once; dvc.yaml reads them as `${paths.*}`."""
+
+    shards: Path = Path("data/shards")
+    stage1: Path = Path("models/stage1")
+    embeddings: Path = Path("data/embeddings.zarr")
+    image_store: Path = Path("data/train_images.h5")
+    stage2: Path = Path("models/stage2")
+    metrics: Path = Path("metrics")
+    plots: Path = Path("plots")
+    reports: Path = Path("reports")
+
+
+def parse_source(value: Any, where: str) -> Any:
+    """A `{name: <source>, ...options}` mapping → that source's frozen config object."""
+    if not isinstance(value, dict):
+        raise ParamsError(f"{where}: must be a mapping with a `name` key, got {value!r}")
+    if "name" not in value:
+        raise ParamsError(f"{where}.name: missing required key (one of {', '.join(SOURCES)})")
+    name = value["name"]
+    if name not in SOURCES:
+        raise ParamsError(
+            f"{where}.name: unknown source {name!r} (known: {', '.join(sorted(SOURCES))})"
+        )
+    options = {k: v for k, v in value.items() if k != "name"}
+    config = build(SOURCES[name], options, where)
+    if not getattr(config, "download", False):
+        for f in dataclasses.fields(config):
+            path = getattr(config, f.name)
+            if isinstance(path, Path) and not path.exists():
+                raise ParamsError(f"{where}.{f.name}: not found: {path}")
+    return config
+
+
+@dataclass(frozen=True)
+class ShardParams:
+    """Source data → long-tailed splits → webdataset shards (DESIGN.md §2)."""
+
+    source: Any = field(
+        default_factory=lambda: SOURCES["digits"](), metadata=bounds(parse=parse_source)
+    )
+    test_source: Any = field(default=None, metadata=bounds(parse=parse_source))
+    test_per_class: int = field(default=0, metadata=bounds(ge=0))
+    val_per_class: int = field(default=0, metadata=bounds(ge=0))
+    imbalance_factor: float | None = field(default=None, metadata=bounds(ge=1))
+    n_max: int | None = field(default=None, metadata=bounds(ge=1))
+    membership_imbalance_factor: float | None = field(default=None, metadata=bounds(ge=1))
+    many_above: int = field(default=100, metadata=bounds(ge=0))
+    few_below: int = field(default=20, metadata=bounds(ge=0))
+    maxcount: int = field(default=1000, metadata=bounds(ge=1))
+    max_bad_fraction: float = field(default=0.0, metadata=bounds(ge=0, le=1))
+
+    def check(self, where: str) -> None:
+        if self.few_below > self.many_above + 1:
+            raise ParamsError(
+                f"{where}.few_below: must be <= many_above + 1 ({self.many_above + 1}), "
+                f"got {self.few_below}"
+            )
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params file."""
+
+    base: BaseParams = field(default_factory=BaseParams)
+    paths: PathsParams = field(default_factory=PathsParams)
+    shard: ShardParams = field(default_factory=ShardParams)
+
+
+def load_params(path: Path | str) -> Params:
+    """Read and validate a params file.
+
+    Raises:
+        ParamsError: missing or unparsable file, unknown key, wrong type, value out of range,
+            missing input file. The message names the file and the dotted key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    try:
+        return build(Params, data, where="params")
+    except ParamsError as e:
+        msg = str(e).removeprefix("params.")
+        raise ParamsError(f"{path}: {msg}") from None

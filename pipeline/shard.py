@@ -1,0 +1,98 @@
+"""Stage `shard`: source data → long-tailed train/val/test → webdataset shards + meta.json."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from ecvl.data.shards import write_manifest, write_split_shards
+from ecvl.data.splits import SplitPlan, carve_splits, check_train_counts, class_membership
+from ecvl.errors import DataError
+from pipeline.io import atomic_dir
+from pipeline.params import Params
+from pipeline.schema import to_plain
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params) -> None:
+    p = params.shard
+    source = p.source.load()
+    test_override = None
+    if p.test_source is not None:
+        other = p.test_source.load()
+        if "test" not in other.splits:
+            raise DataError(f"shard.test_source ({p.test_source.name}): it has no test split")
+        if other.classes != source.classes:
+            raise DataError(
+                f"shard.test_source ({p.test_source.name}): its class names differ from the "
+                "train source's"
+            )
+        test_override = other.splits["test"]
+    plan = SplitPlan(
+        test_per_class=p.test_per_class,
+        val_per_class=p.val_per_class,
+        imbalance_factor=p.imbalance_factor,
+        n_max=p.n_max,
+        membership_imbalance_factor=p.membership_imbalance_factor,
+        many_above=p.many_above,
+        few_below=p.few_below,
+        seed=params.base.seed,
+    )
+    carved = carve_splits(source, plan, test_override)
+
+    with atomic_dir(params.paths.shards) as tmp:
+        written = {
+            name: write_split_shards(
+                split,
+                name,
+                carved.classes,
+                tmp,
+                p.maxcount,
+                p.max_bad_fraction,
+                progress=params.base.progress,
+            )
+            for name, split in carved.splits.items()
+        }
+        counts = written["train"].per_class
+        check_train_counts(counts, carved.classes)
+        groups = class_membership(counts, plan, carved.profile_counts)
+        fingerprint = hashlib.sha256(
+            "".join(f"{n}:{w.fingerprint};" for n, w in sorted(written.items())).encode()
+        ).hexdigest()
+        write_manifest(
+            tmp,
+            {
+                "source": {"name": p.source.name, **to_plain(p.source)},
+                "test_source": None
+                if p.test_source is None
+                else {"name": p.test_source.name, **to_plain(p.test_source)},
+                "classes": list(carved.classes),
+                "num_classes": len(carved.classes),
+                "imbalance_factor": p.imbalance_factor,
+                "imbalance_ratio": max(counts) / min(counts),
+                "profile_counts": carved.profile_counts,
+                "group_thresholds": {"many_above": p.many_above, "few_below": p.few_below},
+                "membership_imbalance_factor": p.membership_imbalance_factor,
+                "class_groups": groups,
+                "groups": {
+                    g: [c for c, x in enumerate(groups) if x == g]
+                    for g in ("many", "medium", "few")
+                },
+                "splits": {name: w.to_json() for name, w in written.items()},
+                "source_fingerprint": fingerprint,
+                "notes": carved.notes,
+            },
+        )
+    sizes = ", ".join(f"{n} {w.count}" for n, w in written.items())
+    many, medium, few = (groups.count(g) for g in ("many", "medium", "few"))
+    log.info(
+        "wrote %s: %s images; %d classes (many %d / medium %d / few %d), imbalance ratio %.1f",
+        params.paths.shards,
+        sizes,
+        len(carved.classes),
+        many,
+        medium,
+        few,
+        max(counts) / min(counts),
+    )

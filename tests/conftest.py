@@ -1,0 +1,22 @@
+"""Fixtures; the helpers they use live in `support.py`."""
+
+from __future__ import annotations
+
+import pytest
+
+from support import tiny_npz_files
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def tiny_npz(tmp_path) -> dict:
+    """Three classes with 8/3/1 train images, 2 test images each."""
+    return tiny_npz_files(tmp_path)

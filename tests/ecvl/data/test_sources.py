@@ -1,0 +1,230 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ecvl.data.sources import (
+    Cifar100Source,
+    DigitsSource,
+    ImageFolderSource,
+    ImageNetLTSource,
+    ListSource,
+    NpzSource,
+    PlacesLTSource,
+    load_restricted_pickle,
+    make_key,
+    read_classnames,
+)
+from ecvl.errors import DataError
+from support import write_npz
+
+
+def test_digits_is_real_and_rgb():
+    src = DigitsSource(image_size=32).load()
+    train = src.splits["train"]
+    assert len(train) == 1797 and len(src.classes) == 10
+    assert train.images.shape == (1797, 32, 32, 3) and train.images.dtype == np.uint8
+    assert np.bincount(train.labels).min() >= 170
+    data, ext = train.image_bytes(0)
+    assert ext == "png" and data.startswith(b"\x89PNG")
+
+
+def test_npz_round_trip(tiny_npz):
+    src = NpzSource(train=tiny_npz["train"], test=tiny_npz["test"]).load()
+    assert src.classes == ("cat", "dog", "sea_lion")
+    assert np.bincount(src.splits["train"].labels).tolist() == [8, 3, 1]
+    assert len(src.splits["test"]) == 6
+
+
+def test_npz_object_array_is_refused(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(
+        path,
+        images=np.zeros((1, 2, 2, 3), np.uint8),
+        labels=np.array([0]),
+        classes=np.array(["a", None], dtype=object),
+    )
+    with pytest.raises(DataError, match="without unpickling"):
+        NpzSource(train=path).load()
+
+
+@pytest.mark.parametrize(
+    "images,labels,classes,match",
+    [
+        (np.zeros((2, 4, 4), np.uint8), [0, 1], ["a", "b"], "N×H×W×3 uint8"),
+        (
+            np.zeros((2, 4, 4, 3), np.uint8),
+            [0, 5],
+            ["a", "b"],
+            r"label 5 at row 1 is out of range \[0, 2\)",
+        ),
+        (np.zeros((2, 4, 4, 3), np.uint8), [0, 1], ["a", "a"], "duplicate class name 'a'"),
+        (np.zeros((2, 4, 4, 3), np.uint8), [0], ["a", "b"], "2 images but 1 labels"),
+    ],
+)
+def test_npz_bad_input(tmp_path, images, labels, classes, match):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=images, labels=np.array(labels), classes=np.array(classes))
+    with pytest.raises(DataError, match=match) as e:
+        NpzSource(train=path).load()
+    assert "bad.npz" in str(e.value)
+
+
+def test_npz_missing_file(tmp_path):
+    with pytest.raises(DataError, match="npz file not found: .*nope.npz"):
+        NpzSource(train=tmp_path / "nope.npz").load()
+
+
+def test_npz_classes_must_agree(tmp_path):
+    a = write_npz(tmp_path / "a.npz", [0, 1], ["x", "y"])
+    b = write_npz(tmp_path / "b.npz", [0, 1], ["x", "z"])
+    with pytest.raises(DataError, match="`classes` differ"):
+        NpzSource(train=a, test=b).load()
+
+
+def _image_tree(root, layout):
+    for rel in layout:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (6, 6), (len(rel) * 9 % 255, 10, 20)).save(path)
+
+
+def test_imagefolder_with_split_dirs(tmp_path):
+    _image_tree(
+        tmp_path, ["train/cat/1.png", "train/cat/2.png", "train/dog/a.jpg", "test/dog/b.png"]
+    )
+    (tmp_path / "train/dog/notes.txt").write_text("not an image")
+    src = ImageFolderSource(root=tmp_path).load()
+    assert src.classes == ("cat", "dog")
+    assert src.splits["train"].labels.tolist() == [0, 0, 1]
+    assert src.splits["test"].labels.tolist() == [1]
+    data, ext = src.splits["train"].image_bytes(2)
+    assert ext == "jpg" and data == (tmp_path / "train/dog/a.jpg").read_bytes()
+    assert src.splits["train"].keys[0] == "train_cat_1"
+
+
+def test_imagefolder_unknown_test_class(tmp_path):
+    _image_tree(tmp_path, ["train/cat/1.png", "test/cow/1.png"])
+    with pytest.raises(DataError, match="cow: class folder not present in the train split"):
+        ImageFolderSource(root=tmp_path).load()
+
+
+def test_list_source(tmp_path):
+    _image_tree(tmp_path, ["img/a.png", "img/b.png", "img/c.png"])
+    (tmp_path / "train.txt").write_text("# comment\nimg/a.png 0\nimg/b.png,1\n\n")
+    (tmp_path / "test.txt").write_text("img/c.png 1\n")
+    (tmp_path / "names.txt").write_text("red fox\nblue_whale\n")
+    src = ListSource(
+        root=tmp_path,
+        train=tmp_path / "train.txt",
+        test=tmp_path / "test.txt",
+        classnames=tmp_path / "names.txt",
+    ).load()
+    assert src.classes == ("red fox", "blue_whale")
+    assert src.splits["train"].keys == ["img_a", "img_b"]
+    assert src.splits["train"].labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("img/a.png", "train.txt:1: expected `path label`"),
+        ("img/a.png x", "train.txt:1: label 'x' is not an integer"),
+        ("img/a.png 7", r"label 7 at row 0 is out of range \[0, 2\)"),
+    ],
+)
+def test_list_source_bad_lines(tmp_path, line, match):
+    (tmp_path / "train.txt").write_text(line + "\n")
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    with pytest.raises(DataError, match=match):
+        ListSource(
+            root=tmp_path, train=tmp_path / "train.txt", classnames=tmp_path / "names.txt"
+        ).load()
+
+
+def test_list_source_duplicate_entry(tmp_path):
+    (tmp_path / "train.txt").write_text("a.png 0\na.png 0\n")
+    with pytest.raises(DataError, match="same key 'a'"):
+        ListSource(root=tmp_path, train=tmp_path / "train.txt").load()
+
+
+def test_missing_root_and_split_file(tmp_path):
+    with pytest.raises(DataError, match="image root not found: .*missing"):
+        ListSource(root=tmp_path / "missing", train=tmp_path / "t.txt").load()
+    with pytest.raises(DataError, match="split list not found: .*t.txt"):
+        ListSource(root=tmp_path, train=tmp_path / "t.txt").load()
+
+
+def test_imagenet_lt_uses_open_clip_classnames(tmp_path):
+    (tmp_path / "ImageNet_LT_train.txt").write_text("train/x.JPEG 0\ntrain/y.JPEG 999\n")
+    src = ImageNetLTSource(root=tmp_path, train=tmp_path / "ImageNet_LT_train.txt").load()
+    assert len(src.classes) == 1000 and src.classes[0] == "tench"
+
+
+def test_places_lt_needs_classnames(tmp_path):
+    (tmp_path / "Places_LT_train.txt").write_text("a/b.jpg 0\n")
+    with pytest.raises(DataError, match="categories_places365.txt"):
+        PlacesLTSource(root=tmp_path, train=tmp_path / "Places_LT_train.txt").load()
+
+
+def test_places_category_file_format(tmp_path):
+    (tmp_path / "cat.txt").write_text("/a/airfield 0\n/a/apartment_building/outdoor 1\n")
+    assert read_classnames(tmp_path / "cat.txt") == ("airfield", "apartment building outdoor")
+
+
+def _fake_cifar(root, rows=4):
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        # the official files are py2 pickles: str keys once read with encoding="latin1"
+        payload = {
+            "data": rng.integers(0, 256, (rows, 3072), dtype=np.uint8),
+            "fine_labels": [0, 1, 2, 1][:rows],
+        }
+        (base / split).write_bytes(pickle.dumps(payload, protocol=2))
+    meta = {"fine_label_names": ["apple", "aquarium_fish", "baby"]}
+    (base / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return base
+
+
+def test_cifar100_reader_layout(tmp_path):
+    base = _fake_cifar(tmp_path)
+    src = Cifar100Source(root=tmp_path, verify_md5=False).load()
+    raw = pickle.loads((base / "train").read_bytes())["data"][0]
+    assert src.classes == ("apple", "aquarium_fish", "baby")
+    train = src.splits["train"]
+    assert train.images.shape == (4, 32, 32, 3)
+    # channel-major rows: pixel (0,0) of image 0 is (R, G, B) = raw[0], raw[1024], raw[2048]
+    assert train.images[0, 0, 0].tolist() == [raw[0], raw[1024], raw[2048]]
+
+
+def test_cifar100_md5_mismatch_is_refused(tmp_path):
+    _fake_cifar(tmp_path)
+    with pytest.raises(DataError, match="MD5 does not match"):
+        Cifar100Source(root=tmp_path).load()
+
+
+def test_cifar100_missing_without_download(tmp_path):
+    with pytest.raises(DataError, match="CIFAR-100 not found: .*download: true"):
+        Cifar100Source(root=tmp_path).load()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    path = tmp_path / "evil"
+    path.write_bytes(pickle.dumps({"x": _Evil()}))
+    with pytest.raises(DataError, match="refusing to load posix.system"):
+        load_restricted_pickle(path, expected_md5=None)
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+
+
+def test_make_key_is_tar_safe():
+    assert make_key("n01440764/n01440764_10026.JPEG") == "n01440764_n01440764_10026_JPEG"
+    assert "." not in make_key("a.b.c") and "/" not in make_key("a/b")

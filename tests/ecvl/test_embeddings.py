@@ -1,0 +1,228 @@
+"""Embedding store: round trip, resume after a kill, validation of what the reader gets."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from ecvl.data.embeddings import EmbeddingWriter, open_embeddings
+from ecvl.errors import DataError
+
+D = 8
+CLASSES = ["apple", "bee", "cat"]
+SPLITS = {"train": 11, "test": 5}
+ATTRS = {
+    "model_name": "tiny-test",
+    "checkpoint_digest": "sha256:abc",
+    "templates": ["a photo of a {}."],
+    "classes": CLASSES,
+}
+CHUNK = 4  # small chunks so that blocks straddle chunk boundaries
+
+
+def make_split(name: str, n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    rng = np.random.default_rng(len(name) * 100 + n)
+    feats = (rng.standard_normal((n, D)) * 3).astype(np.float32)
+    labels = rng.integers(0, len(CLASSES), size=n)
+    keys = [f"{name}/{i:04d}-é" for i in range(n)]
+    return feats, labels, keys
+
+
+DATA = {name: make_split(name, n) for name, n in SPLITS.items()}
+
+
+def text_features() -> np.ndarray:
+    t = np.random.default_rng(1).standard_normal((len(CLASSES), D)).astype(np.float32)
+    return t / np.linalg.norm(t, axis=1, keepdims=True)
+
+
+def writer(path, **kw) -> EmbeddingWriter:
+    return EmbeddingWriter(path, SPLITS, D, ATTRS, chunk_rows=CHUNK, **kw)
+
+
+def write_rows(w: EmbeddingWriter, split: str, start: int, end: int, block: int = 3) -> None:
+    feats, labels, keys = DATA[split]
+    for a in range(start, end, block):
+        b = min(end, a + block)
+        w.write(split, a, feats[a:b], labels[a:b], keys[a:b])
+
+
+def write_all(path) -> None:
+    w = writer(path)
+    for split, n in SPLITS.items():
+        write_rows(w, split, 0, n)
+        w.mark_complete(split)
+    w.write_text_features(torch.from_numpy(text_features()))
+
+
+def arrays(path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(path, mode="r", zarr_format=3)
+    return {
+        f"{s}/{a}": np.asarray(root[s][a][...])
+        for s in (*SPLITS, "text")
+        for a in (("features",) if s == "text" else ("features", "labels", "keys"))
+    }
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "emb.zarr"
+    write_all(path)
+    emb = open_embeddings(path, splits=("train", "test"))
+    assert emb.splits == ("train", "test")
+    assert (emb.embed_dim, emb.num_classes, emb.classes) == (D, 3, CLASSES)
+    assert emb.model_name == "tiny-test" and emb.checkpoint_digest == "sha256:abc"
+    assert emb.templates == ["a photo of a {}."]
+    for split, (feats, labels, keys) in DATA.items():
+        data = emb.split(split)
+        assert len(data) == SPLITS[split]
+        assert data.features.dtype == np.float16
+        np.testing.assert_array_equal(data.features, feats.astype(np.float16))
+        assert data.labels.dtype == np.int64
+        np.testing.assert_array_equal(data.labels, labels)
+        assert data.keys.tolist() == keys
+    text = emb.text_features()
+    assert text.dtype == np.float32
+    np.testing.assert_array_equal(text, text_features())
+
+
+def test_lazy_split_slices_like_numpy(tmp_path):
+    path = tmp_path / "emb.zarr"
+    write_all(path)
+    lazy = open_embeddings(path).split("train", lazy=True)
+    assert isinstance(lazy.features, zarr.Array)
+    assert len(lazy) == SPLITS["train"]
+    np.testing.assert_array_equal(lazy.features[2:7], DATA["train"][0][2:7].astype(np.float16))
+
+
+def test_resume_continues_to_identical_arrays(tmp_path, caplog):
+    reference = tmp_path / "ref.zarr"
+    write_all(reference)
+
+    path = tmp_path / "emb.zarr"
+    w = writer(path)
+    write_rows(w, "train", 0, 6)
+    # A kill between a block's data and its progress mark: rows 6..9 are on disk, unrecorded,
+    # and zarr's local store left a temp file behind.
+    feats, labels, keys = DATA["train"]
+    root = zarr.open_group(path, mode="r+", zarr_format=3)
+    root["train"]["features"][6:9] = feats[6:9].astype(np.float16)
+    (path / "train" / "features" / ("zarr." + "0" * 32 + ".partial")).write_bytes(b"junk")
+    del w
+
+    with caplog.at_level(logging.INFO, logger="ecvl.data.embeddings"):
+        w = writer(path)
+    assert w.progress == {"train": 6, "test": 0}
+    assert not w.is_complete("train") and not w.text_complete
+    assert not list(path.rglob("*.partial"))
+    assert "removed 1 leftover partial file" in caplog.text
+    write_rows(w, "train", w.progress["train"], SPLITS["train"])
+    w.mark_complete("train")
+    write_rows(w, "test", 0, SPLITS["test"])
+    w.mark_complete("test")
+    w.write_text_features(text_features())
+
+    # Reopening a finished store reports it finished.
+    again = writer(path)
+    assert again.progress == SPLITS and again.is_complete("test") and again.text_complete
+
+    got, want = arrays(path), arrays(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_resume_with_other_attrs_refuses(tmp_path):
+    path = tmp_path / "emb.zarr"
+    writer(path)
+    with pytest.raises(DataError, match="checkpoint_digest"):
+        EmbeddingWriter(path, SPLITS, D, {**ATTRS, "checkpoint_digest": "other"})
+    with pytest.raises(DataError, match="splits"):
+        EmbeddingWriter(path, {"train": 12, "test": 5}, D, ATTRS)
+    # resume=False starts over.
+    w = EmbeddingWriter(path, SPLITS, D, {**ATTRS, "checkpoint_digest": "other"}, resume=False)
+    assert w.progress == {"train": 0, "test": 0}
+
+
+def test_writer_refuses_to_wipe_foreign_directory(tmp_path):
+    path = tmp_path / "mine"
+    path.mkdir()
+    (path / "precious.txt").write_text("x")
+    with pytest.raises(DataError, match="not a zarr store"):
+        writer(path, resume=False)
+    assert (path / "precious.txt").exists()
+
+
+def test_write_validation(tmp_path):
+    w = writer(tmp_path / "emb.zarr")
+    feats, labels, keys = DATA["train"]
+    with pytest.raises(ValueError, match="only rows"):
+        w.write("train", 3, feats[3:5], labels[3:5], keys[3:5])  # gap
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        w.write("val", 0, feats[:1], labels[:1], keys[:1])
+    with pytest.raises(DataError, match="label 7 of row 1"):
+        w.write("train", 0, feats[:2], np.array([0, 7]), keys[:2])
+    bad = feats[:2].copy()
+    bad[1, 0] = 1e6  # overflows float16
+    with pytest.raises(DataError, match="row 1"):
+        w.write("train", 0, bad, labels[:2], keys[:2])
+    with pytest.raises(ValueError, match="rows written"):
+        w.mark_complete("train")
+    with pytest.raises(ValueError, match="normalised"):
+        w.write_text_features(np.ones((len(CLASSES), D), dtype=np.float32))
+    assert w.progress["train"] == 0
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        open_embeddings(tmp_path / "missing.zarr")
+
+    path = tmp_path / "emb.zarr"
+    w = writer(path)
+    write_rows(w, "train", 0, 5)
+    with pytest.raises(DataError, match=r"train is incomplete \(5 of 11 rows"):
+        open_embeddings(path)
+    write_rows(w, "train", 5, SPLITS["train"])
+    w.mark_complete("train")
+    write_rows(w, "test", 0, SPLITS["test"])
+    w.mark_complete("test")
+    with pytest.raises(DataError, match="text features were never written"):
+        open_embeddings(path)
+    w.write_text_features(text_features())
+
+    emb = open_embeddings(path)
+    with pytest.raises(DataError, match="no split 'val'"):
+        emb.split("val")
+    with pytest.raises(DataError, match="no split 'val'"):
+        open_embeddings(path, splits=("train", "val"))
+
+    # Someone replaces an array by one of the wrong length.
+    root = zarr.open_group(path, mode="r+", zarr_format=3)
+    del root["test"]["labels"]
+    root["test"].create_array("labels", shape=(4,), dtype="int64")
+    with pytest.raises(DataError, match=r"test/labels: shape \(4,\), expected \(5,\)"):
+        open_embeddings(path)
+    del root["test"]["labels"]
+    with pytest.raises(DataError, match="array 'labels' is missing"):
+        open_embeddings(path)
+
+
+def test_reader_rejects_other_zarr(tmp_path):
+    path = tmp_path / "other.zarr"
+    zarr.open_group(path, mode="w", zarr_format=3).attrs["hello"] = 1
+    with pytest.raises(DataError, match="not an ECVL embedding store"):
+        open_embeddings(path)
+
+
+def test_resume_over_interrupted_creation_starts_over(tmp_path):
+    path = tmp_path / "emb.zarr"
+    zarr.open_group(path, mode="w", zarr_format=3)  # killed right after the root was created
+    assert writer(path).progress == {"train": 0, "test": 0}
+    root = zarr.open_group(path, mode="r+", zarr_format=3)
+    root.attrs["initialized"] = False  # killed before the last array was created
+    w = writer(path)
+    assert w.progress == {"train": 0, "test": 0}
+    assert zarr.open_group(path, mode="r", zarr_format=3).attrs["initialized"] is True

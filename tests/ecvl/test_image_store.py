@@ -1,0 +1,216 @@
+"""Image store: round trip, fork-safe reading in DataLoader workers, pickling, resume."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image, features
+
+from ecvl.data.image_store import ImageStore, ImageStoreWriter, sniff_format
+from ecvl.errors import DataError
+
+FORMATS = ["PNG", "JPEG", "BMP"] + (["WEBP"] if features.check("webp") else [])
+
+
+def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
+def make_samples(
+    n: int, fmts: list[str]
+) -> tuple[list[np.ndarray], list[bytes], np.ndarray, list[str]]:
+    rng = np.random.default_rng(n)
+    pixels = [
+        rng.integers(0, 256, size=(4 + i % 3, 5 + i % 2, 3), dtype=np.uint8) for i in range(n)
+    ]
+    encoded = [encode(p, fmts[i % len(fmts)]) for i, p in enumerate(pixels)]
+    labels = rng.integers(0, 4, size=n)
+    keys = [f"sample-{i:03d}" for i in range(n)]
+    return pixels, encoded, labels, keys
+
+
+N = 10
+PIXELS, ENCODED, LABELS, KEYS = make_samples(N, FORMATS)
+
+
+def write_store(path, n=N, encoded=ENCODED, labels=LABELS, keys=KEYS, block=3) -> str:
+    with ImageStoreWriter(path, n, chunk_rows=4) as w:
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            w.write(a, encoded[a:b], labels[a:b], keys[a:b])
+        return w.mark_complete()
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images") / "train.h5"
+    write_store(path)
+    return path
+
+
+def test_round_trip_bytes_pixels_and_alignment(store_path):
+    store = ImageStore(store_path)
+    assert len(store) == N
+    np.testing.assert_array_equal(store.labels, LABELS)
+    assert store.keys.tolist() == KEYS
+    for i in range(N):
+        assert store.get_bytes(i) == ENCODED[i]
+        img = store.get_image(i)
+        assert img.mode == "RGB"
+        got = np.asarray(img)
+        if store.exts[i] == "jpg":  # lossy: compare with PIL's own decode of the same bytes
+            want = np.asarray(Image.open(io.BytesIO(ENCODED[i])).convert("RGB"))
+        else:
+            want = PIXELS[i]
+        np.testing.assert_array_equal(got, want, err_msg=f"sample {i}")
+    assert len(store.content_sha256) == 64
+    store.close()
+
+
+def test_ext_attribute_uniform_or_mixed(tmp_path, store_path):
+    with h5py.File(store_path) as f:
+        assert f.attrs["ext"] == "mixed"
+    _, encoded, labels, keys = make_samples(3, ["PNG"])
+    path = tmp_path / "png.h5"
+    write_store(path, 3, encoded, labels, keys)
+    with h5py.File(path) as f:
+        assert f.attrs["ext"] == "png"
+        assert f["ext"].asstr()[...].tolist() == ["png"] * 3
+
+
+def test_sniff_format():
+    assert sniff_format(encode(PIXELS[0], "PNG")) == "png"
+    assert sniff_format(encode(PIXELS[0], "JPEG")) == "jpg"
+    assert sniff_format(encode(PIXELS[0], "BMP")) == "bmp"
+    assert sniff_format(b"\x80\x04\x95pickle") is None
+    assert sniff_format(b"") is None
+
+
+class _BytesDataset(torch.utils.data.Dataset):
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int):
+        return i, self.store.get_bytes(i), os.getpid(), self.store._pid
+
+
+def test_dataloader_workers_open_their_own_handle(store_path):
+    store = ImageStore(store_path)
+    main_bytes = [store.get_bytes(i) for i in range(N)]  # the parent holds an open handle now
+    assert store._pid == os.getpid()
+    loader = torch.utils.data.DataLoader(_BytesDataset(store), batch_size=None, num_workers=2)
+    seen = {}
+    pids = set()
+    for i, data, pid, handle_pid in loader:
+        seen[int(i)] = data
+        assert pid == handle_pid  # each worker reads through a handle it opened itself
+        pids.add(pid)
+    assert seen == dict(enumerate(main_bytes))
+    assert os.getpid() not in pids and len(pids) == 2
+    assert store.get_bytes(0) == ENCODED[0]  # the parent's handle still works
+    store.close()
+
+
+def test_pickle_drops_handle(store_path):
+    store = ImageStore(store_path)
+    store.get_bytes(0)
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._h5 is None
+    assert clone.get_bytes(3) == ENCODED[3]
+    np.testing.assert_array_equal(clone.labels, LABELS)
+    store.close()
+    clone.close()
+
+
+def test_resume_continues_to_identical_content(tmp_path, store_path):
+    path = tmp_path / "train.h5"
+    w = ImageStoreWriter(path, N, chunk_rows=4)
+    w.write(0, ENCODED[:4], LABELS[:4], KEYS[:4])
+    # A kill after the next block's data but before its progress mark.
+    w.write(4, ENCODED[4:7], LABELS[4:7], KEYS[4:7])
+    w._file.attrs["rows_written"] = 4
+    w.close()
+
+    w = ImageStoreWriter(path, N, chunk_rows=4)
+    assert w.progress == 4 and not w.complete
+    w.write(w.progress, ENCODED[4:], LABELS[4:], KEYS[4:])
+    digest = w.mark_complete()
+    w.close()
+
+    ref = ImageStore(store_path)
+    got = ImageStore(path)
+    assert digest == got.content_sha256 == ref.content_sha256
+    assert [got.get_bytes(i) for i in range(N)] == [ref.get_bytes(i) for i in range(N)]
+    np.testing.assert_array_equal(got.labels, ref.labels)
+    assert got.keys.tolist() == ref.keys.tolist()
+    got.close()
+    ref.close()
+
+    with ImageStoreWriter(path, N) as again:
+        assert again.progress == N and again.complete
+        with pytest.raises(ValueError, match="already complete"):
+            again.write(0, ENCODED[:1], LABELS[:1], KEYS[:1])
+
+
+def test_resume_over_corrupt_file_starts_over(tmp_path, caplog):
+    path = tmp_path / "train.h5"
+    path.write_bytes(b"not hdf5 at all")
+    with ImageStoreWriter(path, N) as w:
+        assert w.progress == 0
+    assert "starting the image store over" in caplog.text
+
+
+def test_resume_with_other_size_refuses(tmp_path):
+    path = tmp_path / "train.h5"
+    ImageStoreWriter(path, N).close()
+    with pytest.raises(DataError, match="of 10 samples, not 11"):
+        ImageStoreWriter(path, N + 1)
+
+
+def test_writer_validation(tmp_path):
+    with ImageStoreWriter(tmp_path / "train.h5", N) as w:
+        with pytest.raises(DataError, match=r"sample 1 \(key 'sample-001'\) is not an allowed"):
+            w.write(0, [ENCODED[0], b"\x80\x04\x95 a pickle"], LABELS[:2], KEYS[:2])
+        with pytest.raises(DataError, match="empty key"):
+            w.write(0, ENCODED[:2], LABELS[:2], ["a", ""])
+        with pytest.raises(ValueError, match="only rows"):
+            w.write(2, ENCODED[2:4], LABELS[2:4], KEYS[2:4])
+        with pytest.raises(ValueError, match="0 of 10 rows"):
+            w.mark_complete()
+        assert w.progress == 0
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        ImageStore(tmp_path / "missing.h5")
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="not a readable HDF5"):
+        ImageStore(bad)
+    partial = tmp_path / "partial.h5"
+    with ImageStoreWriter(partial, N) as w:
+        w.write(0, ENCODED[:3], LABELS[:3], KEYS[:3])
+    with pytest.raises(DataError, match=r"incomplete \(3 of 10 samples"):
+        ImageStore(partial)
+
+
+def test_reader_refuses_bytes_that_are_not_the_recorded_format(tmp_path):
+    path = tmp_path / "train.h5"
+    write_store(path)
+    with h5py.File(path, "r+") as f:
+        f["ext"][0] = "png" if f["ext"].asstr()[0] != "png" else "bmp"
+    store = ImageStore(path)
+    with pytest.raises(DataError, match="sample 0"):
+        store.get_image(0)
+    store.close()

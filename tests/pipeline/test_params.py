@@ -1,0 +1,86 @@
+"""Bad params stop before any work with one line naming the key, exit code 2."""
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.params import load_params
+from support import write_params
+
+
+def _run(params_path):
+    return CliRunner().invoke(main, ["shard", "--params", str(params_path)])
+
+
+def _edit(path, fn):
+    data = yaml.safe_load(path.read_text())
+    fn(data)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda d: d["shard"].update(imbalance_factr=10),
+            "shard.imbalance_factr: unknown key (did you mean 'imbalance_factor'?)",
+        ),
+        (lambda d: d.update(stage9={}), "stage9: unknown key"),
+        (
+            lambda d: d["shard"].update(maxcount="ten"),
+            "shard.maxcount: must be an integer, got 'ten'",
+        ),
+        (lambda d: d["shard"].update(maxcount=0), "shard.maxcount: must be >= 1, got 0"),
+        (
+            lambda d: d["shard"].update(max_bad_fraction=1.5),
+            "shard.max_bad_fraction: must be <= 1, got 1.5",
+        ),
+        (lambda d: d["base"].update(seed=True), "base.seed: must be an integer, got True"),
+        (
+            lambda d: d["base"].update(device="gpu"),
+            "base.device: must be auto, cpu, cuda, cuda:N or mps",
+        ),
+        (
+            lambda d: d["shard"].update(source={"name": "mnist"}),
+            "shard.source.name: unknown source 'mnist'",
+        ),
+        (
+            lambda d: d["shard"].update(source={"name": "npz", "train": "/no/such.npz"}),
+            "shard.source.train: not found: /no/such.npz",
+        ),
+        (
+            lambda d: d["shard"].update(source={"name": "digits", "size": 3}),
+            "shard.source.size: unknown key",
+        ),
+        (lambda d: d["shard"].update(few_below=500), "shard.few_below: must be <= many_above + 1"),
+    ],
+)
+def test_bad_params_exit_2_with_one_line(tmp_path, edit, message):
+    params = _edit(write_params(tmp_path), edit)
+    result = _run(params)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0  # one line
+    assert not (tmp_path / "data").exists()  # nothing started
+
+
+def test_missing_params_file(tmp_path):
+    result = _run(tmp_path / "nope.yaml")
+    assert result.exit_code == 2 and "nope.yaml: params file not found" in result.output
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("base:\n  seed: 0\n shard: [\n")
+    result = _run(path)
+    assert result.exit_code == 2 and "not valid YAML at line" in result.output
+
+
+def test_defaults_file_is_valid_and_frozen(tmp_path):
+    params = load_params("params.yaml")
+    assert params.shard.source.name == "digits"
+    with pytest.raises(AttributeError):
+        params.base.seed = 3  # frozen

@@ -1,0 +1,75 @@
+"""Helpers shared by the tests: tiny datasets and params files in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CIFAR_POOL = SHARED / "data" / "cifar100" / "cifar100_train.npz"
+
+
+def device_under_test() -> str:
+    """The device tests run on: ECVL_TEST_DEVICE, default cpu."""
+    return os.environ.get("ECVL_TEST_DEVICE", "cpu")
+
+
+def make_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    """Distinct random RGB images (each differs from the others)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def write_npz(path: Path, labels, classes, size: int = 16, seed: int = 0) -> Path:
+    labels = np.asarray(labels, dtype=np.int64)
+    np.savez(
+        path,
+        images=make_images(len(labels), size, seed),
+        labels=labels,
+        classes=np.asarray(classes),
+    )
+    return path
+
+
+def tiny_npz_files(tmp_path: Path) -> dict:
+    """Three classes with 8/3/1 train images, 2 test images each."""
+    classes = ["cat", "dog", "sea_lion"]
+    train = write_npz(tmp_path / "train.npz", [0] * 8 + [1] * 3 + [2] * 1, classes, seed=1)
+    test = write_npz(tmp_path / "test.npz", [0, 0, 1, 1, 2, 2], classes, seed=2)
+    return {"train": train, "test": test, "classes": classes}
+
+
+def write_params(tmp_path: Path, **sections) -> Path:
+    """A params file whose artifacts all live under tmp_path; `sections` override keys."""
+    data = {
+        "base": {"seed": 0, "device": "cpu", "num_workers": 0, "progress": False},
+        "paths": {
+            name: str(tmp_path / rel)
+            for name, rel in {
+                "shards": "data/shards",
+                "stage1": "models/stage1",
+                "embeddings": "data/embeddings.zarr",
+                "image_store": "data/train_images.h5",
+                "stage2": "models/stage2",
+                "metrics": "metrics",
+                "plots": "plots",
+                "reports": "reports",
+            }.items()
+        },
+        "shard": {
+            "source": {"name": "digits"},
+            "test_per_class": 10,
+            "val_per_class": 5,
+            "imbalance_factor": 10,
+            "n_max": 40,
+            "maxcount": 100,
+        },
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
