@@ -17,7 +17,7 @@ from ecvl.errors import EcvlError
 from pipeline.params import load_params
 from pipeline.schema import ParamsError
 
-STAGES = ("shard",)
+STAGES = ("shard", "stage1")
 
 log = logging.getLogger("ecvl")
 
@@ -81,6 +81,7 @@ def main() -> None:
 
 _SUMMARIES = {
     "shard": "Source data -> long-tailed splits -> webdataset shards and meta.json.",
+    "stage1": "Fine-tune both open_clip towers on the long-tailed shards (resumable, DDP).",
 }
 
 for _stage in STAGES:

@@ -115,3 +115,55 @@ def write_json(path: Path | str, data: Any) -> None:
 def write_text(path: Path | str, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text)
+
+
+def save_checkpoint(path: Path | str, payload: dict) -> None:
+    """Atomically `torch.save` a checkpoint (a kill mid-write keeps the previous one)."""
+    import torch
+
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path | str, fingerprint: str) -> dict | None:
+    """The checkpoint at `path` if it was written by a run with the same `fingerprint`.
+
+    Loaded with `weights_only=True`: a checkpoint can hold tensors and plain containers,
+    never code. A missing, unreadable or foreign checkpoint means "start over" (logged).
+    """
+    import logging
+
+    import torch
+
+    log = logging.getLogger(__name__)
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle, ...
+        log.warning("ignoring unreadable checkpoint %s (%s); starting over", path, e)
+        return None
+    if not isinstance(payload, dict) or payload.get("fingerprint") != fingerprint:
+        log.info("checkpoint %s is from other params or data; starting over", path)
+        return None
+    return payload
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable digest of JSON-able parts (params sections, upstream fingerprints)."""
+    import hashlib
+
+    blob = json.dumps(_jsonable(list(parts)), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_csv(path: Path | str, rows: list[dict]) -> None:
+    """Atomically write rows (dicts with the same keys) as CSV, for `dvc plots`."""
+    import csv
+
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _jsonable(v) for k, v in row.items()})

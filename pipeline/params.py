@@ -11,7 +11,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -41,6 +41,7 @@ class PathsParams:
 
     shards: Path = Path("data/shards")
     stage1: Path = Path("models/stage1")
+    checkpoints: Path = Path("checkpoints")
     embeddings: Path = Path("data/embeddings.zarr")
     image_store: Path = Path("data/train_images.h5")
     stage2: Path = Path("models/stage2")
@@ -96,13 +97,62 @@ class ShardParams:
             )
 
 
+def _check_templates(templates: tuple[str, ...], where: str) -> None:
+    if not templates:
+        raise ParamsError(f"{where}: give at least one template")
+    for i, t in enumerate(templates):
+        if t.count("{}") != 1:
+            raise ParamsError(f"{where}[{i}]: must contain exactly one {{}}, got {t!r}")
+
+
+@dataclass(frozen=True)
+class PromptsParams:
+    """Class-prompt templates, shared by every stage that encodes text."""
+
+    train_templates: tuple[str, ...] = ("a photo of a {}.",)
+    eval_templates: tuple[str, ...] = ("a photo of a {}.",)
+
+    def check(self, where: str) -> None:
+        _check_templates(self.train_templates, f"{where}.train_templates")
+        _check_templates(self.eval_templates, f"{where}.eval_templates")
+
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class Stage1Params:
+    """Fine-tune both towers on the long-tailed train shards (DESIGN.md §1 Stage I)."""
+
+    model: str = "ecvl-tiny-vit"
+    pretrained: str | None = None  # open_clip tag, checkpoint file or local-dir; null = random
+    epochs: int = field(default=30, metadata=bounds(ge=1))
+    batch_size: int = field(default=64, metadata=bounds(ge=1))
+    lr: float = field(default=1e-3, metadata=bounds(gt=0))
+    weight_decay: float = field(default=0.1, metadata=bounds(ge=0))
+    warmup_epochs: float = field(default=1.0, metadata=bounds(ge=0))
+    grad_clip: float | None = field(default=1.0, metadata=bounds(gt=0))
+    w_i2t: float = field(default=1.0, metadata=bounds(ge=0))
+    w_t2i: float = field(default=1.0, metadata=bounds(ge=0))
+    logit_scale_max: float = field(default=100.0, metadata=bounds(gt=1))
+    precision: Precision = "auto"
+    shuffle_buffer: int = field(default=1000, metadata=bounds(ge=0))
+    eval_batch_size: int = field(default=256, metadata=bounds(ge=1))
+
+    def check(self, where: str) -> None:
+        if self.w_i2t + self.w_t2i == 0:
+            raise ParamsError(f"{where}.w_i2t: w_i2t and w_t2i cannot both be 0")
+
+
 @dataclass(frozen=True)
 class Params:
     """The whole params file."""
 
     base: BaseParams = field(default_factory=BaseParams)
     paths: PathsParams = field(default_factory=PathsParams)
+    prompts: PromptsParams = field(default_factory=PromptsParams)
     shard: ShardParams = field(default_factory=ShardParams)
+    stage1: Stage1Params = field(default_factory=Stage1Params)
 
 
 def load_params(path: Path | str) -> Params:

@@ -51,6 +51,7 @@ def write_params(tmp_path: Path, **sections) -> Path:
             for name, rel in {
                 "shards": "data/shards",
                 "stage1": "models/stage1",
+                "checkpoints": "checkpoints",
                 "embeddings": "data/embeddings.zarr",
                 "image_store": "data/train_images.h5",
                 "stage2": "models/stage2",

@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.cli import STAGES, main
-from pipeline.params import Params
+from pipeline.params import Params, PathsParams
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {"pipeline", "click", "yaml", "dvc"}
@@ -37,6 +37,7 @@ def test_dvc_stages_match_cli_modules_and_params_sections():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(dvc) == list(STAGES)
     sections = set(Params.__dataclass_fields__)
+    produced: set[str] = set()
     for name, stage in dvc.items():
         assert stage["cmd"] == f"ecvl {name} --params params.yaml"
         assert name in main.commands
@@ -44,7 +45,12 @@ def test_dvc_stages_match_cli_modules_and_params_sections():
         assert f"pipeline/{name}.py" in stage["deps"]
         assert name in stage["params"], f"{name} must list its own params section"
         for dep in stage["deps"]:
+            if dep.startswith("${paths."):  # an upstream artifact, named once in params.yaml
+                assert dep[len("${paths.") : -1] in PathsParams.__dataclass_fields__, dep
+                assert dep in produced, f"{name}: {dep} is not an output of an earlier stage"
+                continue
             assert (ROOT / dep).exists(), f"{name}: dep {dep} does not exist"
+        produced |= {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
         for param in stage["params"]:
             assert param.split(".")[0] in sections
 

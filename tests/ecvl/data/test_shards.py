@@ -70,7 +70,8 @@ def test_round_trip_ecvl_reader_and_plain_webdataset(tmp_path):
         assert np.array_equal(_to_array(s["image"]), split.images[i])
         assert np.array_equal(_to_array(img), split.images[i])
     # the batched evaluation pipeline yields the same, in order
-    loader = make_loader(eval_pipeline(urls, lambda im: torch.from_numpy(_to_array(im).copy()), 5), 0)
+    to_tensor = lambda im: torch.from_numpy(_to_array(im).copy())  # noqa: E731
+    loader = make_loader(eval_pipeline(urls, to_tensor, 5), 0)
     keys, labels, pixels = [], [], []
     for x, y, k in loader:
         keys += k

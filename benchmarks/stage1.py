@@ -1,0 +1,140 @@
+"""Stage-I data-pipeline overhead: full training steps (shards → decode → augment → step)
+against the same steps on pre-decoded tensors already in memory, side by side in one run.
+
+    python benchmarks/stage1.py --out benchmarks/results/stage1.json
+
+Both arms use the same trainer, model, batch size and step count and alternate A B A B, so
+machine drift hits both; the figure of merit is the median of the per-pair ratios
+(pipeline images/s ÷ bare images/s). Goal: ≥ 0.85 with the tiny model on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from ecvl.data.reader import check_shard_count, make_loader, take, train_pipeline
+from ecvl.data.shards import load_manifest, write_manifest, write_split_shards
+from ecvl.data.sources import DigitsSource
+from ecvl.data.splits import SplitPlan, carve_splits
+from ecvl.engine import Stage1Config, Stage1Trainer
+from ecvl.models.clip import create_model
+from ecvl.text import tokenize_prompts
+
+
+def build_shards(root: Path, maxcount: int) -> Path:
+    source = DigitsSource().load()
+    carved = carve_splits(source, SplitPlan(seed=0))
+    written = write_split_shards(
+        carved.splits["train"], "train", source.classes, root, maxcount=maxcount, progress=False
+    )
+    write_manifest(
+        root,
+        {
+            "classes": list(source.classes),
+            "class_groups": ["many"] * len(source.classes),
+            "splits": {"train": written.to_json()},
+        },
+    )
+    return root
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="ecvl-tiny-vit")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=40, help="steps per measured epoch")
+    ap.add_argument("--pairs", type=int, default=5, help="A/B pairs")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/stage1.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = load_manifest(build_shards(Path(tmp), maxcount=200))
+        bundle = create_model(args.model, device=device)
+        tokens = tokenize_prompts(bundle.tokenizer, manifest.classes, ["a photo of a {}."])
+        total = args.steps * (2 * args.pairs + 1)
+        trainer = Stage1Trainer(
+            bundle.model,
+            tokens,
+            Stage1Config(epochs=2 * args.pairs + 1, steps_per_epoch=total, lr=1e-4),
+            device,
+        )
+        urls = manifest.shard_paths("train")
+        workers = check_shard_count(len(urls), 1, args.workers)
+
+        def pipeline_batches(epoch: int):
+            pipe = train_pipeline(urls, bundle.train_transform, args.batch_size, 0, epoch, 1000)
+            return take(make_loader(pipe, workers), args.steps)
+
+        # The bare arm: the same decoded, augmented batches, materialised beforehand.
+        cached = list(islice(pipeline_batches(0), args.steps))
+
+        def timed(batches) -> float:
+            start = time.perf_counter()
+            stats = trainer.train_epoch(batches, progress=False)
+            assert stats.epoch == trainer.epoch
+            return args.steps * args.batch_size / (time.perf_counter() - start)
+
+        timed(iter(cached))  # warm-up
+        bare, full, ratios = [], [], []
+        for i in range(args.pairs):
+            b = timed(iter(cached))
+            f = timed(pipeline_batches(i + 1))
+            bare.append(b)
+            full.append(f)
+            ratios.append(f / b)
+
+    result = {
+        "benchmark": "stage1_data_pipeline_overhead",
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "steps_per_epoch": args.steps,
+        "pairs": args.pairs,
+        "data_workers": workers,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": __import__("os").cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "bare_images_per_s": bare,
+        "pipeline_images_per_s": full,
+        "ratio_per_pair": ratios,
+        "median_bare_images_per_s": statistics.median(bare),
+        "median_pipeline_images_per_s": statistics.median(full),
+        "median_ratio": statistics.median(ratios),
+        "goal_ratio": 0.85,
+        "meets_goal": statistics.median(ratios) >= 0.85,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "median_bare_images_per_s",
+                    "median_pipeline_images_per_s",
+                    "median_ratio",
+                    "meets_goal",
+                )
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""ECVL losses as plain functions on tensors.
+
+Stage I: `image_to_text_loss` (eq. 4) + `text_to_image_loss` (eq. 5, multi-positive), combined
+by `stage1_loss`. Stage II: `image_to_text_loss` on adapted features + `two_view_contrastive_loss`
+(eq. 11). Losses are computed in float32 whatever the feature dtype, so that fp16/bf16 features
+under autocast do not lose the logits' precision.
+
+`logit_scale` is CLIP's log-parametrised inverse temperature: `1/tau = exp(logit_scale)`; pass
+`model.logit_scale` (a parameter, so that it trains) or a plain float.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+Reduction = Literal["mean", "none"]
+
+
+def image_to_text_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Eq. 4: cross-entropy of `exp(logit_scale) * v_i . u_c` over all K classes.
+
+    Args:
+        image_features: (B, d) L2-normalised image embeddings `v_i` (not normalised here).
+        text_features: (K, d) L2-normalised class embeddings `u_c`.
+        labels: (B,) class indices in [0, K).
+        logit_scale: log inverse temperature.
+        reduction: "mean" over the batch, or "none" for the (B,) per-sample losses.
+
+    Returns:
+        A scalar, or (B,) with `reduction="none"`.
+    """
+    _check_pairs(image_features, text_features, labels)
+    logits = _scale(logit_scale) * (image_features.float() @ text_features.float().T)
+    return F.cross_entropy(logits, labels, reduction=_check_reduction(reduction))
+
+
+def text_to_image_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """Eq. 5: text->image InfoNCE where every image of the class is a positive.
+
+    For each class c present in the batch, with `s_j = exp(logit_scale) * u_c . v_j` over the
+    batch's B images and `P_c = {j : y_j = c}`:
+
+        loss_c = -1/|P_c| * sum_{j in P_c} log( exp(s_j) / sum_{k=1..B} exp(s_k) )
+
+    and the result is the mean of `loss_c` over the present classes. Unlike CLIP's loss (one
+    positive per text), images of the same class are never pushed apart.
+
+    Args:
+        image_features: (B, d) L2-normalised image embeddings.
+        text_features: (K, d) L2-normalised class embeddings (only present classes are used).
+        labels: (B,) class indices in [0, K).
+        logit_scale: log inverse temperature.
+
+    Returns:
+        A scalar.
+    """
+    _check_pairs(image_features, text_features, labels)
+    classes, position = torch.unique(labels, return_inverse=True)
+    logits = _scale(logit_scale) * (text_features[classes].float() @ image_features.float().T)
+    log_prob = F.log_softmax(logits, dim=1)  # (C, B): over the batch's images
+    positives = position.unsqueeze(0) == torch.arange(len(classes), device=labels.device)[:, None]
+    positives = positives.to(log_prob.dtype)
+    per_class = -(log_prob * positives).sum(dim=1) / positives.sum(dim=1)
+    return per_class.mean()
+
+
+def stage1_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    w_i2t: float = 1.0,
+    w_t2i: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage-I loss `w_i2t * L_i2t + w_t2i * L_t2i` (`w_t2i = 0` gives eq. 4 alone).
+
+    Args:
+        image_features: (B, d) L2-normalised image embeddings.
+        text_features: (K, d) L2-normalised class embeddings.
+        labels: (B,) class indices.
+        logit_scale: log inverse temperature.
+        w_i2t: weight of the image->text term.
+        w_t2i: weight of the text->image term; with 0 it is reported but gets no gradient.
+
+    Returns:
+        The total loss and its detached parts `{"i2t": ..., "t2i": ...}` (for logging).
+    """
+    i2t = image_to_text_loss(image_features, text_features, labels, logit_scale)
+    # With w_t2i = 0 the term is still reported, but kept out of the graph.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and w_t2i != 0):
+        t2i = text_to_image_loss(image_features, text_features, labels, logit_scale)
+    total = w_i2t * i2t + (w_t2i * t2i if w_t2i != 0 else 0.0)
+    return total, {"i2t": i2t.detach(), "t2i": t2i.detach()}
+
+
+def two_view_contrastive_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.1,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Eq. 11: NT-Xent (SimCLR) InfoNCE between two views of each of B samples.
+
+    The views are L2-normalised here. Over the 2B views, the anchor z1_i has the positive z2_i
+    and the 2B - 2 other views as negatives (itself excluded), and likewise for z2_i:
+
+        l(a, p) = -log( exp(a . p / t) / sum_{k != a} exp(a . z_k / t) )
+
+    The per-sample loss is the mean of its two anchors' losses, `(l(z1_i, z2_i) +
+    l(z2_i, z1_i)) / 2`; "mean" averages it over the B samples.
+
+    Args:
+        z1: (B, d) first views.
+        z2: (B, d) second views, row i the same sample as in `z1`.
+        temperature: softmax temperature `tau_dcvl` (> 0).
+        reduction: "mean", or "none" for the (B,) per-sample losses (for the momentum EMA).
+
+    Returns:
+        A scalar, or (B,) with `reduction="none"`.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"expected two (B, d) views, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    reduction = _check_reduction(reduction)
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = (z @ z.T) / temperature
+    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    index = torch.arange(b, device=z.device)
+    targets = torch.cat([index + b, index])
+    per_anchor = F.cross_entropy(sim, targets, reduction="none")
+    per_sample = 0.5 * (per_anchor[:b] + per_anchor[b:])
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def _scale(logit_scale: torch.Tensor | float) -> torch.Tensor | float:
+    if isinstance(logit_scale, torch.Tensor):
+        return logit_scale.float().exp().reshape(())
+    return math.exp(float(logit_scale))
+
+
+def _check_reduction(reduction: str) -> Reduction:
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def _check_pairs(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> None:
+    if image.dim() != 2 or text.dim() != 2 or image.shape[1] != text.shape[1]:
+        raise ValueError(
+            f"expected image (B, d) and text (K, d) features, got {tuple(image.shape)} "
+            f"and {tuple(text.shape)}"
+        )
+    if labels.shape != (image.shape[0],):
+        raise ValueError(f"expected labels of shape ({image.shape[0]},), got {tuple(labels.shape)}")

@@ -1,0 +1,196 @@
+"""Stage `stage1`: fine-tune both open_clip towers on the long-tailed train shards.
+
+Resumable: a checkpoint is written atomically after every epoch; re-running with the same
+params, data and world size continues after the last complete epoch and ends with the same
+weights and metrics as a run that never stopped. Under torchrun every rank trains on its own
+shards and only rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import torch
+
+from ecvl.data.reader import check_shard_count, make_loader, take, train_pipeline
+from ecvl.data.shards import load_manifest
+from ecvl.distributed import (
+    barrier,
+    init_distributed,
+    resolve_device,
+    shutdown,
+    world_info,
+)
+from ecvl.engine import Stage1Config, Stage1Trainer, resolve_precision
+from ecvl.evaluation import evaluate_on_shards
+from ecvl.models.clip import create_model, save_open_clip_dir
+from ecvl.text import class_text_features, tokenize_prompts
+from pipeline.io import (
+    atomic_dir,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+    write_csv,
+    write_json,
+)
+from pipeline.params import Params
+from pipeline.schema import to_plain
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("all_acc", "many_acc", "medium_acc", "few_acc", "macro_f1")
+
+
+def run(params: Params) -> None:
+    world = world_info()
+    device = resolve_device(params.base.device, world.local_rank)
+    init_distributed(world, device)
+    try:
+        _train(params, world, device)
+    finally:
+        shutdown(world)
+
+
+def _train(params: Params, world, device: torch.device) -> None:
+    p, paths = params.stage1, params.paths
+    manifest = load_manifest(paths.shards)
+    precision = resolve_precision(p.precision, device)
+    torch.manual_seed(params.base.seed)
+    bundle = create_model(p.model, p.pretrained, device=device)
+    tokens = tokenize_prompts(bundle.tokenizer, manifest.classes, params.prompts.train_templates)
+
+    urls = manifest.shard_paths("train")
+    workers = check_shard_count(len(urls), world.world_size, params.base.num_workers)
+    steps = max(1, manifest.count("train") // (p.batch_size * world.world_size))
+    config = Stage1Config(
+        epochs=p.epochs,
+        steps_per_epoch=steps,
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        warmup_steps=math.ceil(p.warmup_epochs * steps),
+        grad_clip=p.grad_clip,
+        w_i2t=p.w_i2t,
+        w_t2i=p.w_t2i,
+        logit_scale_max=p.logit_scale_max,
+        precision=precision,
+    )
+    trainer = Stage1Trainer(bundle.model, tokens, config, device, ddp=world.distributed)
+    run_id = fingerprint(
+        to_plain(p),
+        to_plain(params.prompts),
+        params.base.seed,
+        world.world_size,
+        manifest.data["source_fingerprint"],
+    )
+    ckpt_path = paths.checkpoints / "stage1.pt"
+    history: list[dict] = []
+    state = load_checkpoint(ckpt_path, run_id)
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        history = list(state["history"])
+        log.info("resuming stage1 after epoch %d of %d (%s)", trainer.epoch, p.epochs, ckpt_path)
+
+    eval_split = manifest.eval_split()
+    log.info(
+        "stage1: %s on %s (%s), %d train images, %d steps/epoch × %d epochs, eval on %s",
+        p.model,
+        device,
+        precision,
+        manifest.count("train"),
+        steps,
+        p.epochs,
+        eval_split,
+    )
+    progress = params.base.progress and world.is_main
+    while trainer.epoch < p.epochs:
+        epoch = trainer.epoch + 1
+        pipe = train_pipeline(
+            urls, bundle.train_transform, p.batch_size, params.base.seed, epoch, p.shuffle_buffer
+        )
+        loader = make_loader(pipe, workers, pin_memory=device.type == "cuda")
+        stats = trainer.train_epoch(take(loader, steps), progress=progress)
+        if world.is_main:
+            report = _evaluate(bundle, manifest, eval_split, params, device, precision)
+            row = {**stats.__dict__, **{f"{eval_split}_{k}": report[k] for k in METRIC_KEYS}}
+            history.append(row)
+            log.info(
+                "epoch %d/%d loss %.4f (i2t %.4f, t2i %.4f) lr %.2e %.0f img/s | %s acc %.4f "
+                "(many %.4f, medium %.4f, few %.4f) F1 %.4f",
+                epoch,
+                p.epochs,
+                stats.loss,
+                stats.loss_i2t,
+                stats.loss_t2i,
+                stats.lr,
+                stats.images_per_s,
+                eval_split,
+                report["all_acc"],
+                report["many_acc"],
+                report["medium_acc"],
+                report["few_acc"],
+                report["macro_f1"],
+            )
+            save_checkpoint(
+                ckpt_path,
+                {"fingerprint": run_id, "trainer": trainer.state_dict(), "history": history},
+            )
+        barrier(world)
+
+    if world.is_main:
+        _write_outputs(params, bundle, manifest, history, eval_split, run_id)
+    barrier(world)
+
+
+def _evaluate(bundle, manifest, split, params: Params, device, precision) -> dict:
+    with torch.no_grad():
+        text = class_text_features(
+            bundle.model,
+            bundle.tokenizer,
+            manifest.classes,
+            params.prompts.eval_templates,
+            device=device,
+        )
+    report, _, _ = evaluate_on_shards(
+        bundle.model,
+        manifest.shard_paths(split),
+        bundle.eval_transform,
+        text,
+        manifest.class_groups,
+        device,
+        precision,
+        params.stage1.eval_batch_size,
+        params.base.num_workers,
+    )
+    return report
+
+
+def _write_outputs(params: Params, bundle, manifest, history, eval_split, run_id) -> None:
+    paths = params.paths
+    last = history[-1]
+    metrics = {"split": eval_split, "epochs": len(history)}
+    metrics.update({k: last[f"{eval_split}_{k}"] for k in METRIC_KEYS})
+    with atomic_dir(paths.stage1) as tmp:
+        save_open_clip_dir(bundle, None, tmp)
+        (tmp / "ecvl.json").write_text(
+            json.dumps(
+                {
+                    "model": bundle.name,
+                    "pretrained": bundle.pretrained,
+                    "embed_dim": bundle.embed_dim,
+                    "classes": list(manifest.classes),
+                    "train_templates": list(params.prompts.train_templates),
+                    "eval_templates": list(params.prompts.eval_templates),
+                    "run_fingerprint": run_id,
+                    "metrics": metrics,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    write_json(paths.metrics / "stage1.json", metrics)
+    write_csv(paths.plots / "stage1.csv", history)
+    log.info(
+        "wrote %s, %s, %s", paths.stage1, paths.metrics / "stage1.json", paths.plots / "stage1.csv"
+    )
