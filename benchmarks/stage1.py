@@ -6,12 +6,18 @@ against the same steps on pre-decoded tensors already in memory, side by side in
 Both arms use the same trainer, model, batch size and step count and alternate A B A B, so
 machine drift hits both; the figure of merit is the median of the per-pair ratios
 (pipeline images/s ÷ bare images/s). Goal: ≥ 0.85 with the tiny model on 2 CPU cores.
+
+Two settings are measured in the same run: torch's default thread count (the stage as users
+run it; the data worker then competes with the training threads for the same cores), and one
+training thread (the data worker has a core of its own), which isolates what the data path
+itself costs the trainer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -54,11 +60,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="steps per measured epoch")
     ap.add_argument("--pairs", type=int, default=5, help="A/B pairs")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/stage1.json"))
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
 
     device = torch.device("cpu")
     torch.manual_seed(0)
@@ -66,11 +71,11 @@ def main() -> None:
         manifest = load_manifest(build_shards(Path(tmp), maxcount=200))
         bundle = create_model(args.model, device=device)
         tokens = tokenize_prompts(bundle.tokenizer, manifest.classes, ["a photo of a {}."])
-        total = args.steps * (2 * args.pairs + 1)
+        total = args.steps * (4 * args.pairs + 2)
         trainer = Stage1Trainer(
             bundle.model,
             tokens,
-            Stage1Config(epochs=2 * args.pairs + 1, steps_per_epoch=total, lr=1e-4),
+            Stage1Config(epochs=4 * args.pairs + 2, steps_per_epoch=total, lr=1e-4),
             device,
         )
         urls = manifest.shard_paths("train")
@@ -89,15 +94,25 @@ def main() -> None:
             assert stats.epoch == trainer.epoch
             return args.steps * args.batch_size / (time.perf_counter() - start)
 
-        timed(iter(cached))  # warm-up
-        bare, full, ratios = [], [], []
-        for i in range(args.pairs):
-            b = timed(iter(cached))
-            f = timed(pipeline_batches(i + 1))
-            bare.append(b)
-            full.append(f)
-            ratios.append(f / b)
+        settings = {}
+        for threads in (default_threads, 1):
+            torch.set_num_threads(threads)
+            timed(iter(cached))  # warm-up
+            bare, full = [], []
+            for i in range(args.pairs):
+                bare.append(timed(iter(cached)))
+                full.append(timed(pipeline_batches(len(settings) * args.pairs + i + 1)))
+            ratios = [f / b for f, b in zip(full, bare, strict=True)]
+            settings[f"torch_threads_{threads}"] = {
+                "bare_images_per_s": bare,
+                "pipeline_images_per_s": full,
+                "ratio_per_pair": ratios,
+                "median_bare_images_per_s": statistics.median(bare),
+                "median_pipeline_images_per_s": statistics.median(full),
+                "median_ratio": statistics.median(ratios),
+            }
 
+    stage = settings[f"torch_threads_{default_threads}"]
     result = {
         "benchmark": "stage1_data_pipeline_overhead",
         "model": args.model,
@@ -105,36 +120,24 @@ def main() -> None:
         "steps_per_epoch": args.steps,
         "pairs": args.pairs,
         "data_workers": workers,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "torch": torch.__version__,
-        "bare_images_per_s": bare,
-        "pipeline_images_per_s": full,
-        "ratio_per_pair": ratios,
-        "median_bare_images_per_s": statistics.median(bare),
-        "median_pipeline_images_per_s": statistics.median(full),
-        "median_ratio": statistics.median(ratios),
+        "settings": settings,
+        "stage_median_ratio": stage["median_ratio"],
+        "best_pipeline_vs_default_bare": max(
+            v["median_pipeline_images_per_s"] for v in settings.values()
+        )
+        / stage["median_bare_images_per_s"],
         "goal_ratio": 0.85,
-        "meets_goal": statistics.median(ratios) >= 0.85,
+        "meets_goal": stage["median_ratio"] >= 0.85,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        json.dumps(
-            {
-                k: result[k]
-                for k in (
-                    "median_bare_images_per_s",
-                    "median_pipeline_images_per_s",
-                    "median_ratio",
-                    "meets_goal",
-                )
-            },
-            indent=2,
-        )
-    )
-
+    summary = {
+        k: {m: round(v[m], 3) for m in v if m.startswith("median")} for k, v in settings.items()
+    }
+    print(json.dumps({**summary, "meets_goal": result["meets_goal"]}, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "meta.json"
 MANIFEST_FORMAT = "ecvl-shards/1"
-SHARD_MTIME = 0.0  # 1970-01-01: reproducible tars (webdataset defaults to "now")
+SHARD_MTIME = 0  # 1970-01-01, an int: a float mtime makes tarfile add a PAX header per member
 
 
 @dataclass
