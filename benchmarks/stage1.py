@@ -139,5 +139,6 @@ def main() -> None:
     }
     print(json.dumps({**summary, "meets_goal": result["meets_goal"]}, indent=2))
 
+
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ from ecvl.errors import EcvlError
 from pipeline.params import load_params
 from pipeline.schema import ParamsError
 
-STAGES = ("shard", "stage1")
+STAGES = ("shard", "stage1", "export")
 
 log = logging.getLogger("ecvl")
 
@@ -82,6 +82,7 @@ def main() -> None:
 _SUMMARIES = {
     "shard": "Source data -> long-tailed splits -> webdataset shards and meta.json.",
     "stage1": "Fine-tune both open_clip towers on the long-tailed shards (resumable, DDP).",
+    "export": "Cache embeddings (zarr) and train images (HDF5) for stage II (resumable).",
 }
 
 for _stage in STAGES:

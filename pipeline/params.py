@@ -145,6 +145,14 @@ class Stage1Params:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    """Cache embeddings and train images for stage II (DESIGN.md §1 Export)."""
+
+    batch_size: int = field(default=512, metadata=bounds(ge=1))
+    precision: Precision = "auto"
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params file."""
 
@@ -153,6 +161,7 @@ class Params:
     prompts: PromptsParams = field(default_factory=PromptsParams)
     shard: ShardParams = field(default_factory=ShardParams)
     stage1: Stage1Params = field(default_factory=Stage1Params)
+    export: ExportParams = field(default_factory=ExportParams)
 
 
 def load_params(path: Path | str) -> Params:

@@ -42,7 +42,8 @@ def decode_sample(sample: dict) -> dict:
     """Decode the allow-listed members of a raw webdataset sample; drop everything else.
 
     Returns:
-        dict with `key`, `image` (PIL RGB), `label` (int), `meta` (dict or None), `url`.
+        dict with `key`, `image` (PIL RGB), `label` (int), `meta` (dict or None), `url`, and
+        `encoded` (the image member's bytes, as stored).
 
     Raises:
         DataError: a sample without exactly one image or without a label, or an undecodable
@@ -62,7 +63,14 @@ def decode_sample(sample: dict) -> dict:
         meta = json.loads(sample["json"]) if "json" in sample else None
     except Exception as e:  # PIL, int() and json raise assorted types
         raise DataError(f"{where}: cannot decode ({e})") from None
-    return {"key": key, "image": image, "label": label, "meta": meta, "url": url}
+    return {
+        "key": key,
+        "image": image,
+        "label": label,
+        "meta": meta,
+        "url": url,
+        "encoded": sample[images[0]],
+    }
 
 
 def rank_shards(
@@ -103,10 +111,13 @@ def _train_samples(urls: list[str], seed: int, epoch: int, bufsize: int) -> Call
     return source
 
 
-def _to_tuple(transform: Callable) -> Callable:
+def _to_tuple(transform: Callable, with_bytes: bool = False) -> Callable:
     def stage(src: Iterator[dict]) -> Iterator[tuple]:
         for s in src:
-            yield transform(s["image"]), s["label"], s["key"]
+            if with_bytes:
+                yield transform(s["image"]), s["label"], s["key"], bytes(s["encoded"])
+            else:
+                yield transform(s["image"]), s["label"], s["key"]
 
     return stage
 
@@ -150,14 +161,20 @@ def train_pipeline(
     )
 
 
-def eval_pipeline(urls: list[str], transform: Callable, batch_size: int) -> wds.DataPipeline:
-    """Every sample of `urls` once, in shard order, split by worker (not by rank)."""
+def eval_pipeline(
+    urls: list[str], transform: Callable, batch_size: int, with_bytes: bool = False
+) -> wds.DataPipeline:
+    """Every sample of `urls` once, split by worker (not by rank): batches of
+    `(images, labels, keys)`, plus the encoded image bytes when `with_bytes`.
+
+    With one worker the order is shard order; with several, DataLoader interleaves the
+    workers' batches, which is deterministic for a given worker count."""
     return wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
         wds.split_by_worker,
         wds.tarfile_to_samples(),
         wds.map(decode_sample),
-        _to_tuple(transform),
+        _to_tuple(transform, with_bytes),
         wds.batched(batch_size, partial=True),
     )
 

@@ -1,0 +1,158 @@
+"""Export throughput: the export stage's loop (shards → decode → transform → encode → zarr/h5)
+against the bare image encoder's forward on pre-decoded tensors at the same batch size, side by
+side in one run (A B A B, median of per-pair ratios).
+
+    python benchmarks/export.py --out benchmarks/results/export.json
+
+Goal: ratio ≥ 0.9 with the tiny model on 2 CPU cores; the 224 px RN50 figure is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ecvl.data.embeddings import EmbeddingWriter
+from ecvl.data.image_store import ImageStoreWriter
+from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
+from ecvl.data.shards import load_manifest, write_manifest, write_split_shards
+from ecvl.data.sources import DigitsSource
+from ecvl.models.clip import create_model
+from pipeline.export import _export_split
+
+
+def build_shards(root: Path, n: int, maxcount: int) -> Path:
+    source = DigitsSource().load()
+    split = source.splits["train"].subset(torch.arange(n).numpy())
+    written = write_split_shards(
+        split, "train", source.classes, root, maxcount=maxcount, progress=False
+    )
+    write_manifest(
+        root,
+        {
+            "classes": list(source.classes),
+            "class_groups": ["many"] * len(source.classes),
+            "splits": {"train": written.to_json()},
+        },
+    )
+    return root
+
+
+def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) -> dict:
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    bundle = create_model(model_name, device=device)
+    bundle.model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        manifest = load_manifest(build_shards(tmp / "shards", n, maxcount=max(1, n // 4)))
+        urls = manifest.shard_paths("train")
+        workers = check_shard_count(len(urls), 1, workers)
+        # the bare arm: the same images, decoded and transformed beforehand
+        tensors = [
+            x for x, _, _ in make_loader(eval_pipeline(urls, bundle.eval_transform, batch_size), 0)
+        ]
+
+        def bare() -> float:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for x in tensors:
+                    bundle.model.encode_image(x)
+            return n / (time.perf_counter() - start)
+
+        def stage(i: int) -> float:
+            out = tmp / f"run{i}"
+            emb = EmbeddingWriter(
+                out / "e.zarr",
+                {"train": n},
+                bundle.embed_dim,
+                {
+                    "model_name": model_name,
+                    "checkpoint_digest": "bench",
+                    "templates": ["{}"],
+                    "classes": list(manifest.classes),
+                },
+            )
+            start = time.perf_counter()
+            with ImageStoreWriter(out / "i.h5", n) as images:
+                _export_split(
+                    "train",
+                    manifest,
+                    bundle,
+                    emb,
+                    images,
+                    device,
+                    "fp32",
+                    batch_size,
+                    workers,
+                    progress=False,
+                )
+            return n / (time.perf_counter() - start)
+
+        bare()  # warm-up
+        b, s = [], []
+        for i in range(pairs):
+            b.append(bare())
+            s.append(stage(i))
+    ratios = [x / y for x, y in zip(s, b, strict=True)]
+    return {
+        "model": model_name,
+        "image_size": bundle.image_size,
+        "images": n,
+        "batch_size": batch_size,
+        "data_workers": workers,
+        "bare_images_per_s": b,
+        "export_images_per_s": s,
+        "ratio_per_pair": ratios,
+        "median_bare_images_per_s": statistics.median(b),
+        "median_export_images_per_s": statistics.median(s),
+        "median_ratio": statistics.median(ratios),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--tiny-images", type=int, default=1536)
+    ap.add_argument("--rn50-images", type=int, default=128, help="0 skips the RN50 figure")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/export.json"))
+    args = ap.parse_args()
+
+    runs = [measure("ecvl-tiny-vit", args.tiny_images, args.batch_size, args.pairs, args.workers)]
+    if args.rn50_images:
+        runs.append(
+            measure("RN50", args.rn50_images, min(args.batch_size, 64), args.pairs, args.workers)
+        )
+    result = {
+        "benchmark": "export_throughput",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "runs": runs,
+        "goal_ratio_tiny": 0.9,
+        "meets_goal": runs[0]["median_ratio"] >= 0.9,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        json.dumps(
+            [{k: r[k] for k in r if k.startswith("median") or k == "model"} for r in runs]
+            + [{"meets_goal": result["meets_goal"]}],
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""`ecvl export`: embeddings and the train image store, aligned, resumable, atomic."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ecvl.data.embeddings
+from ecvl.data.embeddings import open_embeddings
+from ecvl.data.image_store import ImageStore
+from ecvl.data.reader import iter_samples
+from ecvl.data.shards import load_manifest
+from ecvl.models.clip import create_model
+from ecvl.text import class_text_features
+from pipeline.cli import main
+from support import write_params
+
+STAGE1 = {"epochs": 1, "batch_size": 32, "eval_batch_size": 128}
+EXPORT = {"batch_size": 40}
+
+
+def _invoke(stage, params):
+    return CliRunner().invoke(main, [stage, "--params", str(params)])
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """Shards and a 1-epoch stage-I model, shared by the module's tests."""
+    root = tmp_path_factory.mktemp("export")
+    params = write_params(root, stage1=STAGE1, export=EXPORT)
+    assert _invoke("shard", params).exit_code == 0
+    assert _invoke("stage1", params).exit_code == 0
+    return root
+
+
+def _params(tmp_path, upstream, **export):
+    params = write_params(tmp_path, stage1=STAGE1, export={**EXPORT, **export})
+    text = params.read_text()
+    for rel in ("data/shards", "models/stage1"):
+        text = text.replace(str(tmp_path / rel), str(upstream / rel))
+    params.write_text(text)
+    return params
+
+
+@pytest.fixture(scope="module")
+def exported(upstream, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exported")
+    result = _invoke("export", _params(tmp, upstream))
+    assert result.exit_code == 0, result.output
+    return tmp
+
+
+def test_features_equal_direct_encoding(exported, upstream):
+    emb = open_embeddings(exported / "data/embeddings.zarr")
+    bundle = create_model("ecvl-tiny-vit", pretrained=upstream / "models/stage1")
+    model = bundle.model.eval()
+    manifest = load_manifest(upstream / "data/shards")
+    for split in ("train", "val", "test"):
+        data = emb.split(split)
+        samples = list(iter_samples(manifest.shard_paths(split)))
+        assert list(data.keys) == [s["key"] for s in samples]
+        assert data.labels.tolist() == [s["label"] for s in samples]
+        x = torch.stack([bundle.eval_transform(s["image"]) for s in samples[:64]])
+        with torch.no_grad():
+            direct = model.encode_image(x).numpy()
+        assert data.features.dtype == np.float16
+        np.testing.assert_allclose(
+            data.features[:64].astype(np.float32), direct, rtol=2e-3, atol=2e-3
+        )
+    with torch.no_grad():
+        text = class_text_features(model, bundle.tokenizer, manifest.classes, ["a photo of a {}."])
+    np.testing.assert_allclose(emb.text_features(), text.numpy(), atol=1e-6)
+    assert emb.attrs["templates"] == ["a photo of a {}."]
+    assert emb.model_name == "ecvl-tiny-vit" and len(emb.checkpoint_digest) == 64
+
+
+def test_image_store_is_index_aligned(exported, upstream):
+    emb = open_embeddings(exported / "data/embeddings.zarr").split("train")
+    store = ImageStore(exported / "data/train_images.h5")
+    bundle = create_model("ecvl-tiny-vit", pretrained=upstream / "models/stage1")
+    assert len(store) == len(emb.keys)
+    for i in np.random.default_rng(0).choice(len(store), size=8, replace=False):
+        assert store.keys[i] == emb.keys[i] and store.labels[i] == emb.labels[i]
+        with torch.no_grad():
+            again = (
+                bundle.model.eval()
+                .encode_image(bundle.eval_transform(store.get_image(int(i)))[None])[0]
+                .numpy()
+            )
+        np.testing.assert_allclose(emb.features[i].astype(np.float32), again, rtol=2e-3, atol=2e-3)
+
+
+def test_kill_and_rerun_equals_straight_run(exported, upstream, tmp_path, monkeypatch, caplog):
+    params = _params(tmp_path, upstream)
+    real = ecvl.data.embeddings.EmbeddingWriter.write
+    calls = {"n": 0}
+
+    def killed_on_third_block(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ecvl.data.embeddings.EmbeddingWriter, "write", killed_on_third_block)
+    assert _invoke("export", params).exit_code == 130
+    assert not (tmp_path / "data/embeddings.zarr").exists()
+    assert not (tmp_path / "data/train_images.h5").exists()
+    monkeypatch.setattr(ecvl.data.embeddings.EmbeddingWriter, "write", real)
+    caplog.set_level("INFO")
+    result = _invoke("export", params)
+    assert result.exit_code == 0 and "export train: resuming at row 80 of" in caplog.text
+
+    a = open_embeddings(exported / "data/embeddings.zarr")
+    b = open_embeddings(tmp_path / "data/embeddings.zarr")
+    for split in ("train", "val", "test"):
+        sa, sb = a.split(split), b.split(split)
+        assert np.array_equal(sa.features, sb.features)
+        assert np.array_equal(sa.labels, sb.labels) and list(sa.keys) == list(sb.keys)
+    assert np.array_equal(a.text_features(), b.text_features())
+    ia = ImageStore(exported / "data/train_images.h5")
+    ib = ImageStore(tmp_path / "data/train_images.h5")
+    assert ia.content_sha256 == ib.content_sha256 and ia.keys.tolist() == ib.keys.tolist()
+    assert not list((tmp_path / "data").glob(".*partial*"))
+
+
+def test_missing_stage1_model(tmp_path, upstream):
+    params = _params(tmp_path, upstream)
+    params.write_text(
+        params.read_text().replace(str(upstream / "models/stage1"), str(tmp_path / "nope"))
+    )
+    result = _invoke("export", params)
+    assert result.exit_code == 1 and "stage-I model not found" in result.output
+
+
+def test_model_for_other_classes(tmp_path, upstream):
+    model = tmp_path / "model"
+    shutil.copytree(upstream / "models/stage1", model)
+    info = json.loads((model / "ecvl.json").read_text())
+    info["classes"][0] = "cat"
+    (model / "ecvl.json").write_text(json.dumps(info))
+    params = _params(tmp_path, upstream)
+    params.write_text(params.read_text().replace(str(upstream / "models/stage1"), str(model)))
+    result = _invoke("export", params)
+    assert result.exit_code == 1 and "trained on other classes" in result.output
+
+
+def test_model_with_other_embedding_dim(tmp_path, upstream):
+    model = tmp_path / "model"
+    shutil.copytree(upstream / "models/stage1", model)
+    info = json.loads((model / "ecvl.json").read_text())
+    info["embed_dim"] = 128
+    (model / "ecvl.json").write_text(json.dumps(info))
+    params = _params(tmp_path, upstream)
+    params.write_text(params.read_text().replace(str(upstream / "models/stage1"), str(model)))
+    result = _invoke("export", params)
+    assert result.exit_code == 1 and "embedding dim 64" in result.output
