@@ -17,7 +17,7 @@ from ecvl.errors import EcvlError
 from pipeline.params import load_params
 from pipeline.schema import ParamsError
 
-STAGES = ("shard", "stage1", "export")
+STAGES = ("shard", "stage1", "export", "stage2")
 
 log = logging.getLogger("ecvl")
 
@@ -83,6 +83,7 @@ _SUMMARIES = {
     "shard": "Source data -> long-tailed splits -> webdataset shards and meta.json.",
     "stage1": "Fine-tune both open_clip towers on the long-tailed shards (resumable, DDP).",
     "export": "Cache embeddings (zarr) and train images (HDF5) for stage II (resumable).",
+    "stage2": "Train the balanced adapter per mode, re-encoding only augmented views.",
 }
 
 for _stage in STAGES:

@@ -13,8 +13,6 @@ where it stopped and ends with the same arrays; anything else starts over.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -29,35 +27,14 @@ from ecvl.data.shards import Manifest, load_manifest
 from ecvl.distributed import resolve_device
 from ecvl.engine import autocast, resolve_precision
 from ecvl.errors import DataError, ModelError
-from ecvl.models.clip import ClipBundle, create_model
+from ecvl.models.clip import ClipBundle
 from ecvl.text import class_text_features
+from pipeline.artifacts import load_stage1, model_digest
 from pipeline.io import fingerprint, replace
 from pipeline.params import Params
 from pipeline.schema import to_plain
 
 log = logging.getLogger(__name__)
-
-
-def load_stage1(model_dir: Path, device: torch.device) -> tuple[ClipBundle, dict]:
-    """The stage-I model and its `ecvl.json`, with clear errors when either is missing."""
-    info_path = model_dir / "ecvl.json"
-    if not info_path.is_file():
-        raise ModelError(f"stage-I model not found: {info_path} (run `ecvl stage1` first)")
-    info = json.loads(info_path.read_text())
-    bundle = create_model(info["model"], pretrained=model_dir, device=device)
-    if bundle.embed_dim != info["embed_dim"]:
-        raise ModelError(
-            f"{model_dir}: embedding dim {bundle.embed_dim} of the model config differs from "
-            f"the {info['embed_dim']} recorded at training"
-        )
-    return bundle, info
-
-
-def model_digest(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")):
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _partial(path: Path) -> Path:

@@ -152,6 +152,45 @@ class ExportParams:
     precision: Precision = "auto"
 
 
+Stage2Mode = Literal["ballad", "contrast_standard", "ecvl"]
+
+
+@dataclass(frozen=True)
+class Stage2Params:
+    """Balanced residual adapter with momentum-driven augmentation (DESIGN.md §1 Stage II).
+
+    `modes` are the paper's Table 5 rows, each trained as its own adapter: `ballad` (adapter +
+    balanced sampling + classification loss), `contrast_standard` (+ two-view contrastive loss,
+    views from a fixed standard augmentation), `ecvl` (the full method).
+    """
+
+    modes: tuple[Stage2Mode, ...] = ("ballad", "contrast_standard", "ecvl")
+    epochs: int = field(default=30, metadata=bounds(ge=1))
+    batch_size: int = field(default=128, metadata=bounds(ge=2))
+    lr: float = field(default=1e-3, metadata=bounds(gt=0))
+    weight_decay: float = field(default=1e-4, metadata=bounds(ge=0))
+    warmup_epochs: float = field(default=0.0, metadata=bounds(ge=0))
+    residual_ratio: float = field(default=0.2, metadata=bounds(ge=0, le=1, key="lambda"))
+    beta: float = field(default=0.97, metadata=bounds(ge=0, lt=1))
+    k: int = field(default=2, metadata=bounds(ge=1))
+    tau_dcvl: float = field(default=0.1, metadata=bounds(gt=0))
+    w_dcvl: float = field(default=1.0, metadata=bounds(ge=0))
+    sampler: Literal["balanced", "instance"] = "balanced"
+    draws_per_epoch: int | None = field(default=None, metadata=bounds(ge=1))
+    precision: Precision = "auto"
+    encode_batch_size: int = field(default=256, metadata=bounds(ge=1))
+    augment_workers: int = field(default=0, metadata=bounds(ge=0))
+    eval_batch_size: int = field(default=4096, metadata=bounds(ge=1))
+
+    def check(self, where: str) -> None:
+        if not self.modes:
+            raise ParamsError(
+                f"{where}.modes: give at least one of ballad, contrast_standard, ecvl"
+            )
+        if len(set(self.modes)) != len(self.modes):
+            raise ParamsError(f"{where}.modes: listed twice: {list(self.modes)}")
+
+
 @dataclass(frozen=True)
 class Params:
     """The whole params file."""
@@ -162,6 +201,7 @@ class Params:
     shard: ShardParams = field(default_factory=ShardParams)
     stage1: Stage1Params = field(default_factory=Stage1Params)
     export: ExportParams = field(default_factory=ExportParams)
+    stage2: Stage2Params = field(default_factory=Stage2Params)
 
 
 def load_params(path: Path | str) -> Params:

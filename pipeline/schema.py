@@ -27,10 +27,13 @@ def bounds(
     lt: float | None = None,
     must_exist: bool = False,
     parse: typing.Callable[[Any, str], Any] | None = None,
+    key: str | None = None,
 ) -> dict:
     """Field metadata: numeric bounds; `must_exist` for input paths checked up front;
-    `parse(value, where)` replaces the type check for fields that dispatch on content."""
-    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "must_exist": must_exist, "parse": parse}
+    `parse(value, where)` replaces the type check for fields that dispatch on content;
+    `key` is the YAML spelling when it cannot be the field name."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "must_exist": must_exist, "parse": parse}
+    return meta | ({"key": key} if key else {})
 
 
 def _type_name(tp: Any) -> str:
@@ -131,7 +134,8 @@ def build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
         _fail(where, f"must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # a field may be spelled differently in YAML (`lambda` is a Python keyword)
+    fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
@@ -147,13 +151,13 @@ def build(cls: type, data: Any, where: str) -> Any:
             elif parse is not None:
                 value = parse(data[name], key)
             else:
-                value = coerce(hints[name], data[name], key)
+                value = coerce(hints[f.name], data[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             _fail(key, "missing required key")
         else:
             continue
         _check_bounds(f.metadata, value, key)
-        kwargs[name] = value
+        kwargs[f.name] = value
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
     if check is not None:

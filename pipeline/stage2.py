@@ -1,0 +1,260 @@
+"""Stage `stage2`: train the residual adapter on the cached embeddings, once per mode.
+
+Each mode in `stage2.modes` (the paper's Table 5 rows) trains its own adapter in
+`<paths.stage2>/<mode>/`. Clean views are read from the export's cache; only views that were
+actually augmented are decoded from the image store and re-encoded by the frozen stage-I image
+encoder. Resumable per mode (checkpoint after every epoch, including the momentum EMA);
+outputs are written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import h5py
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from ecvl.data.embeddings import open_embeddings
+from ecvl.data.image_store import ImageStore
+from ecvl.data.shards import load_manifest
+from ecvl.distributed import resolve_device
+from ecvl.engine import resolve_precision
+from ecvl.errors import DataError
+from ecvl.metrics import classification_report
+from ecvl.reencode import SelectiveEncoder
+from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
+from pipeline.artifacts import load_stage1, model_digest
+from pipeline.io import (
+    atomic_dir,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+    write_csv,
+    write_json,
+)
+from pipeline.params import Params
+from pipeline.schema import to_plain
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("all_acc", "many_acc", "medium_acc", "few_acc", "macro_f1")
+EPOCH_KEYS = (
+    "epoch",
+    "loss",
+    "loss_cls",
+    "loss_dcvl",
+    "reencoded_fraction",
+    "reencoded_views",
+    "clean_views",
+    "score_std",
+    "score_mean_many",
+    "score_mean_medium",
+    "score_mean_few",
+    "lr",
+    "seconds",
+)
+
+
+def run(params: Params) -> None:
+    p, paths = params.stage2, params.paths
+    device = resolve_device(params.base.device)
+    precision = resolve_precision(p.precision, device)
+    manifest = load_manifest(paths.shards)
+    emb = open_embeddings(paths.embeddings)
+    store = ImageStore(paths.image_store)
+    train = emb.split("train")
+    _check_caches(params, emb, train, store, manifest)
+    bundle, _ = load_stage1(paths.stage1, device)
+    logit_scale = float(bundle.model.logit_scale.detach().float().item())
+    text = emb.text_features()
+    eval_split = "val" if "val" in emb.splits else "test"
+    evaluation = emb.split(eval_split)
+
+    results, history = {}, []
+    for mode in p.modes:
+        trainer, rows, trace = _train_mode(
+            mode,
+            params,
+            bundle,
+            train,
+            store,
+            text,
+            logit_scale,
+            manifest,
+            evaluation,
+            eval_split,
+            device,
+            precision,
+        )
+        results[mode] = {k: rows[-1][f"{eval_split}_{k}"] for k in METRIC_KEYS}
+        history += rows
+        results[mode]["reencoded_fraction"] = float(
+            np.mean([r["reencoded_fraction"] for r in rows])
+        )
+        _write_mode(paths.stage2, mode, trainer, trace, train, p)
+    write_json(paths.metrics / "stage2.json", {"split": eval_split, **results})
+    write_csv(paths.plots / "stage2.csv", history)
+    log.info(
+        "wrote %s, %s, %s", paths.stage2, paths.metrics / "stage2.json", paths.plots / "stage2.csv"
+    )
+
+
+def _check_caches(params: Params, emb, train, store: ImageStore, manifest) -> None:
+    paths = params.paths
+    if len(store) != len(train.labels):
+        raise DataError(
+            f"{paths.image_store} holds {len(store)} images but {paths.embeddings} "
+            f"has {len(train.labels)} train rows (re-run `ecvl export`)"
+        )
+    if list(store.keys) != list(train.keys):
+        raise DataError(
+            f"{paths.image_store} and {paths.embeddings} list the train samples in "
+            "a different order (re-run `ecvl export`)"
+        )
+    digest = model_digest(paths.stage1)
+    if emb.checkpoint_digest != digest:
+        raise DataError(
+            f"{paths.embeddings} was exported from another stage-I model than "
+            f"{paths.stage1} (re-run `ecvl export`)"
+        )
+    if list(emb.classes) != list(manifest.classes):
+        raise DataError(f"{paths.embeddings} and {paths.shards} have different classes")
+
+
+def _train_mode(
+    mode,
+    params: Params,
+    bundle,
+    train,
+    store,
+    text,
+    logit_scale,
+    manifest,
+    evaluation,
+    eval_split,
+    device,
+    precision,
+):
+    p, paths = params.stage2, params.paths
+    draws = p.draws_per_epoch or len(train.labels)
+    steps = math.ceil(draws / p.batch_size)
+    config = Stage2Config(
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        logit_scale=logit_scale,
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        warmup_steps=math.ceil(p.warmup_epochs * steps),
+        residual_ratio=p.residual_ratio,
+        beta=p.beta,
+        k=p.k,
+        tau_dcvl=p.tau_dcvl,
+        w_dcvl=p.w_dcvl,
+        sampler=p.sampler,
+        draws_per_epoch=p.draws_per_epoch,
+        mode=mode,
+        seed=params.base.seed,
+    )
+    encoder = SelectiveEncoder(
+        train.features,
+        store,
+        bundle.model,
+        bundle.eval_transform,
+        device,
+        precision=precision,
+        batch_size=p.encode_batch_size,
+        num_workers=p.augment_workers,
+    )
+    trainer = Stage2Trainer(
+        None, text, train.labels, encoder, config, device, class_groups=manifest.class_groups
+    )
+    run_id = fingerprint(mode, to_plain(p), params.base.seed, model_digest(paths.stage1), precision)
+    ckpt = paths.checkpoints / f"stage2-{mode}.pt"
+    rows: list[dict] = []
+    trace = {"Lm": [], "M": []}
+    state = load_checkpoint(ckpt, run_id)
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        rows = list(state["history"])
+        trace = {k: [t.numpy() for t in v] for k, v in state["trace"].items()}
+        log.info("stage2 %s: resuming after epoch %d of %d", mode, len(rows), p.epochs)
+    log.info(
+        "stage2 %s: %d draws/epoch in %d steps × %d epochs, eval on %s",
+        mode,
+        draws,
+        steps,
+        p.epochs,
+        eval_split,
+    )
+    with encoder:
+        while len(rows) < p.epochs:
+            stats = trainer.train_epoch(progress=params.base.progress)
+            pred = predict_cached(
+                trainer.adapter, evaluation.features, text, device, p.eval_batch_size
+            ).numpy()
+            report = classification_report(
+                evaluation.labels, pred, manifest.class_groups, manifest.num_classes
+            )
+            row = {"mode": mode, **{k: stats.get(k) for k in EPOCH_KEYS}}
+            row.update({f"{eval_split}_{k}": report[k] for k in METRIC_KEYS})
+            rows.append(row)
+            lm, m = trainer.momentum_snapshot()
+            trace["Lm"].append(lm.astype(np.float32))
+            trace["M"].append(m.astype(np.float32))
+            log.info(
+                "stage2 %s epoch %d/%d loss %.4f (cls %.4f, dcvl %.4f) re-encoded %.1f%% | %s acc "
+                "%.4f (many %.4f, medium %.4f, few %.4f) F1 %.4f",
+                mode,
+                row["epoch"],
+                p.epochs,
+                row["loss"],
+                row["loss_cls"],
+                row["loss_dcvl"],
+                100 * row["reencoded_fraction"],
+                eval_split,
+                report["all_acc"],
+                report["many_acc"],
+                report["medium_acc"],
+                report["few_acc"],
+                report["macro_f1"],
+            )
+            save_checkpoint(
+                ckpt,
+                {
+                    "fingerprint": run_id,
+                    "trainer": trainer.state_dict(),
+                    "history": rows,
+                    "trace": {k: [torch.from_numpy(a) for a in v] for k, v in trace.items()},
+                },
+            )
+    return trainer, rows, trace
+
+
+def _write_mode(root, mode, trainer, trace, train, p) -> None:
+    with atomic_dir(root / mode) as tmp:
+        adapter = trainer.adapter
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()},
+            str(tmp / "adapter.safetensors"),
+        )
+        (tmp / "adapter.json").write_text(
+            json.dumps({"adapter": adapter.config(), "mode": mode, "params": to_plain(p)}, indent=2)
+            + "\n"
+        )
+        with h5py.File(tmp / "momentum_trace.h5", "w") as f:
+            f.create_dataset("Lm", data=np.stack(trace["Lm"]), compression="gzip")
+            f.create_dataset("M", data=np.stack(trace["M"]), compression="gzip")
+            f.create_dataset("labels", data=np.asarray(train.labels))
+            f.create_dataset(
+                "keys",
+                data=np.asarray([str(k) for k in train.keys], dtype=object),
+                dtype=h5py.string_dtype(),
+            )
+            f.attrs["description"] = (
+                "per-sample momentum loss Lm (eq. 8) and memorisation "
+                "score M (eq. 9) after each epoch; rows are epochs"
+            )

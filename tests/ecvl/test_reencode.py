@@ -1,0 +1,207 @@
+"""Selective re-encoding: clean views come from the cache, only augmented ones reach the encoder."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ecvl.augment import PlannedOp, apply_plan, plan_views, standard_view_transform
+from ecvl.data.image_store import ImageStore, ImageStoreWriter
+from ecvl.errors import DataError
+from ecvl.models.adapter import ResidualAdapter
+from ecvl.models.clip import create_model
+from ecvl.reencode import SelectiveEncoder, ViewRequest, view_rng
+
+N = 16
+
+
+class CountingEncoder(torch.nn.Module):
+    """Wraps an open_clip model and records every image batch `encode_image` receives."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.batches: list[torch.Tensor] = []
+
+    @property
+    def images_seen(self) -> int:
+        return sum(b.shape[0] for b in self.batches)
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        self.batches.append(x.clone())
+        return self.model.encode_image(x, normalize=normalize)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls: more intra-op threads only add contention on a shared 2-core box.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A random-init tiny ViT, N random 32×32 PNGs in an image store, and their cache."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        bundle = create_model("ecvl-tiny-vit")
+    model = bundle.model.eval()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(N, 32, 32, 3), dtype=np.uint8)
+    encoded = []
+    for p in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(p).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    labels = np.arange(N) % 3
+    path = tmp_path_factory.mktemp("reencode") / "train.h5"
+    with ImageStoreWriter(path, N) as w:
+        w.write(0, encoded, labels, [f"s{i}" for i in range(N)])
+        w.mark_complete()
+    store = ImageStore(path)
+    with torch.inference_mode():
+        x = torch.stack([bundle.eval_transform(store.get_image(i)) for i in range(N)])
+        cache = model.encode_image(x, normalize=False).numpy().astype(np.float16)
+    return {"model": model, "transform": bundle.eval_transform, "store": store, "cache": cache}
+
+
+def make_encoder(world, **kw) -> tuple[SelectiveEncoder, CountingEncoder]:
+    counting = CountingEncoder(world["model"])
+    enc = SelectiveEncoder(
+        world["cache"], world["store"], counting, world["transform"], "cpu", **kw
+    )
+    return enc, counting
+
+
+def direct(world, image: Image.Image) -> torch.Tensor:
+    with torch.inference_mode():
+        return world["model"].encode_image(world["transform"](image)[None], normalize=False)[0]
+
+
+def test_clean_views_are_cached_rows_bit_for_bit(world):
+    enc, counting = make_encoder(world)
+    idx = np.array([3, 0, 3, 15, 7])
+    feats, n = enc.encode_views(idx, [()] * 5, seed=1)
+    assert n == 0 and counting.images_seen == 0
+    assert feats.dtype == torch.float32 and feats.shape == (5, world["cache"].shape[1])
+    for j, i in enumerate(idx):
+        assert torch.equal(feats[j], torch.from_numpy(world["cache"][i]).float())
+    # plans=None is the same: every view clean
+    feats2, n2 = enc.encode_views(idx)
+    assert n2 == 0 and torch.equal(feats, feats2)
+    assert enc.counters["clean_views"] == 10 and enc.counters["reencoded_views"] == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_augmented_views_match_direct_encoding_and_only_they_are_encoded(world, num_workers):
+    enc, counting = make_encoder(world, batch_size=3, num_workers=num_workers)
+    idx = np.array([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5])  # two views of six samples
+    plans = plan_views(np.linspace(0.0, 1.0, idx.size), k=2, rng=5)
+    aug = [j for j, p in enumerate(plans) if p]
+    assert 0 < len(aug) < idx.size  # the test needs both kinds
+    seed = (7, 1, 0)
+    with enc:
+        feats, n = enc.encode_views(idx, plans, seed=seed)
+    assert n == len(aug) == counting.images_seen
+    assert len(counting.batches) == -(-len(aug) // 3)  # batched, batch_size 3
+    received = torch.cat(counting.batches)
+    for j in range(idx.size):
+        image = world["store"].get_image(int(idx[j]))
+        if plans[j]:
+            expected = direct(world, apply_plan(image, plans[j], view_rng(seed, j)))
+            torch.testing.assert_close(feats[j], expected, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(feats[j], torch.from_numpy(world["cache"][idx[j]]).float())
+            clean_pixels = world["transform"](image)
+            assert not any(torch.equal(clean_pixels, r) for r in received)
+    counters = enc.counters
+    assert (counters["clean_views"], counters["reencoded_views"]) == (idx.size - n, n)
+
+
+def test_results_do_not_depend_on_workers_or_batching(world):
+    idx = np.array([5, 6, 7, 8, 5, 6, 7, 8])
+    plans = plan_views(np.full(idx.size, 0.9), k=2, rng=3)
+    out = []
+    for kw in ({"num_workers": 0, "batch_size": 256}, {"num_workers": 2, "batch_size": 2}):
+        enc, _ = make_encoder(world, **kw)
+        with enc:
+            out.append(enc.encode_views(idx, plans, seed=11)[0])
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
+
+
+def test_zero_scores_reencode_nothing(world):
+    enc, counting = make_encoder(world)
+    idx = np.arange(N)
+    plans = plan_views(np.zeros(N), k=2, rng=0)
+    feats, n = enc.encode_views(idx, plans, seed=0)
+    assert n == 0 and counting.images_seen == 0
+    assert torch.equal(feats, torch.from_numpy(world["cache"]).float())
+
+
+def test_view_transform_reencodes_every_view(world):
+    enc, counting = make_encoder(world, num_workers=1)
+    idx = np.array([2, 9, 2, 9])
+    with enc:
+        feats, n = enc.encode_views(idx, seed=4, view_transform=standard_view_transform)
+    assert n == idx.size == counting.images_seen
+    for j, i in enumerate(idx):
+        image = world["store"].get_image(int(i))
+        expected = direct(world, standard_view_transform(image, view_rng(4, j)))
+        torch.testing.assert_close(feats[j], expected, rtol=1e-5, atol=1e-5)
+    # the two views of a sample differ (independent crops)
+    assert not torch.allclose(feats[0], feats[2])
+
+
+def test_stream_equals_one_call_per_request(world):
+    rng = np.random.default_rng(0)
+    requests = []
+    for step in range(4):
+        idx = rng.integers(0, N, size=6)
+        requests.append(ViewRequest(idx, plan_views(np.full(6, 0.7), 2, rng), seed=(0, step)))
+    requests.append(ViewRequest(np.array([1, 2]), seed=9, view_transform=standard_view_transform))
+    enc, counting = make_encoder(world, batch_size=4, num_workers=2, prefetch=8)
+    with enc:
+        streamed = list(enc.encode_stream(iter(requests)))
+    single, _ = make_encoder(world, batch_size=4)
+    for (feats, n), req in zip(streamed, requests, strict=True):
+        f1, n1 = single.encode_views(
+            req.indices, req.plans, req.seed, view_transform=req.view_transform
+        )
+        assert n == n1
+        torch.testing.assert_close(feats, f1, rtol=1e-5, atol=1e-5)
+    total = sum(n for _, n in streamed)
+    assert counting.images_seen == total == enc.counters["reencoded_views"]
+    assert enc.reset_counters()["reencoded_views"] == total
+    assert enc.counters["reencoded_views"] == 0
+
+
+def test_features_train_an_adapter_but_never_the_encoder(world):
+    enc, _ = make_encoder(world)
+    idx = np.array([0, 1, 0, 1])
+    plans = [(), (PlannedOp("Invert", 0.0, 1),), (), (PlannedOp("Rotate", 0.5, 1),)]
+    feats, n = enc.encode_views(idx, plans, seed=0)
+    assert n == 2
+    adapter = ResidualAdapter(feats.shape[1], 0.5, seed=0)
+    adapter(feats).square().sum().backward()
+    assert adapter.weight.grad is not None and torch.isfinite(adapter.weight.grad).all()
+    assert all(p.grad is None for p in world["model"].parameters())
+
+
+def test_bad_requests_raise(world):
+    enc, _ = make_encoder(world)
+    with pytest.raises(ValueError, match="2 plans for 3 views"):
+        enc.encode_views(np.array([0, 1, 2]), [(), ()])
+    with pytest.raises(ValueError, match="either plans or a view_transform"):
+        enc.encode_views(np.array([0]), [()], view_transform=standard_view_transform)
+    with pytest.raises(ValueError, match="out of range"):
+        enc.encode_views(np.array([N]))
+    with pytest.raises(DataError, match="same export"):
+        SelectiveEncoder(
+            world["cache"][:-1], world["store"], world["model"], world["transform"], "cpu"
+        )

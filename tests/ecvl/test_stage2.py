@@ -1,0 +1,251 @@
+"""Stage-II trainer: the three modes, the momentum loop, exact resume, and a real learning check."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ecvl.data.image_store import ImageStore, ImageStoreWriter
+from ecvl.errors import TrainingError
+from ecvl.losses import image_to_text_loss
+from ecvl.models.adapter import ResidualAdapter
+from ecvl.models.clip import create_model
+from ecvl.reencode import SelectiveEncoder
+from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
+
+COUNTS = (12, 8, 4)  # three classes, long-tailed
+N = sum(COUNTS)
+K = len(COUNTS)
+GROUPS = ["many", "medium", "few"]
+
+
+class CountingEncoder(torch.nn.Module):
+    """Wraps an open_clip model and counts the images `encode_image` receives."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.images_seen = 0
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        self.images_seen += x.shape[0]
+        return self.model.encode_image(x, normalize=normalize)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny random-init ViT, N random 32×32 PNGs in an image store, their cache, text features."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        bundle = create_model("ecvl-tiny-vit")
+    model = bundle.model.eval()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(K), COUNTS)
+    # Each class has its own dominant colour channel, so even a random encoder separates them.
+    pixels = rng.integers(0, 96, size=(N, 32, 32, 3))
+    pixels[np.arange(N), :, :, labels] += 150
+    encoded = []
+    for p in pixels.astype(np.uint8):
+        buf = io.BytesIO()
+        Image.fromarray(p).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    path = tmp_path_factory.mktemp("stage2") / "train.h5"
+    with ImageStoreWriter(path, N) as w:
+        w.write(0, encoded, labels, [f"s{i}" for i in range(N)])
+        w.mark_complete()
+    store = ImageStore(path)
+    with torch.inference_mode():
+        x = torch.stack([bundle.eval_transform(store.get_image(i)) for i in range(N)])
+        cache = model.encode_image(x, normalize=False).numpy().astype(np.float16)
+    text = F.normalize(torch.randn(K, cache.shape[1], generator=torch.Generator().manual_seed(1)))
+    return {
+        "model": model,
+        "transform": bundle.eval_transform,
+        "store": store,
+        "cache": cache,
+        "labels": labels,
+        "text": text,
+    }
+
+
+def config(**kw) -> Stage2Config:
+    base = {"epochs": 2, "batch_size": 8, "logit_scale": math.log(10.0), "lr": 1e-2, "seed": 3}
+    return Stage2Config(**{**base, **kw})
+
+
+def make_trainer(world, cfg, cache=None, **enc_kw):
+    counting = CountingEncoder(world["model"])
+    enc = SelectiveEncoder(
+        world["cache"] if cache is None else cache,
+        world["store"],
+        counting,
+        world["transform"],
+        "cpu",
+        **enc_kw,
+    )
+    trainer = Stage2Trainer(
+        None, world["text"], world["labels"], enc, cfg, "cpu", class_groups=GROUPS
+    )
+    return trainer, counting
+
+
+def test_lambda_zero_predicts_exactly_like_stage1(world):
+    cached = world["cache"]
+    stage1 = (F.normalize(torch.from_numpy(cached).float(), dim=-1) @ world["text"].T).argmax(1)
+    trainer, _ = make_trainer(world, config(residual_ratio=0.0, mode="ballad", epochs=1))
+    trainer.train_epoch(progress=False)  # the weights move, the output cannot
+    assert trainer.adapter.weight.grad is not None
+    pred = predict_cached(trainer.adapter, cached, world["text"], "cpu", batch_size=5)
+    assert pred.dtype == torch.int64 and torch.equal(pred, stage1)
+    # and a trained adapter with lambda > 0 is what predict_cached evaluates
+    adapter = ResidualAdapter(cached.shape[1], 1.0, seed=4)
+    expected = (F.normalize(adapter(torch.from_numpy(cached).float())) @ world["text"].T).argmax(1)
+    assert torch.equal(predict_cached(adapter, cached, world["text"], "cpu"), expected)
+
+
+def test_ballad_never_calls_the_encoder(world):
+    trainer, counting = make_trainer(world, config(mode="ballad"))
+    for _ in range(2):
+        stats = trainer.train_epoch(progress=False)
+        assert stats["views"] == stats["draws"] == N
+        assert stats["reencoded_views"] == 0 and stats["loss_dcvl"] == 0.0
+        assert stats["loss"] == pytest.approx(stats["loss_cls"])
+    assert counting.images_seen == 0
+    assert trainer.momentum.epochs_ended == 2  # tracked for the trace, not used
+
+
+def test_contrast_standard_reencodes_every_view(world):
+    trainer, counting = make_trainer(world, config(mode="contrast_standard", epochs=1))
+    stats = trainer.train_epoch(progress=False)
+    assert stats["views"] == 2 * N == stats["reencoded_views"] == counting.images_seen
+    assert stats["reencoded_fraction"] == 1.0
+    assert stats["loss_dcvl"] > 0
+    assert stats["loss"] == pytest.approx(stats["loss_cls"] + stats["loss_dcvl"])
+
+
+def test_ecvl_epoch1_is_clean_then_memory_drives_augmentation(world):
+    trainer, counting = make_trainer(world, config(mode="ecvl", epochs=3))
+    lm0, m0 = trainer.momentum_snapshot()
+    assert np.isnan(lm0).all() and np.isnan(m0).all()
+
+    first = trainer.train_epoch(progress=False)
+    assert first["reencoded_views"] == 0 == counting.images_seen  # no scores yet
+    assert first["views"] == 2 * N and first["clean_views"] == 2 * N
+    lm1, m1 = trainer.momentum_snapshot()
+    drawn = ~np.isnan(lm1)
+    assert drawn.sum() == first["drawn_samples"] > 0
+    assert m1[drawn].std() > 0 and m1[drawn].mean() == pytest.approx(0.5)
+    assert set(first) >= {"score_mean_many", "score_mean_medium", "score_mean_few"}
+
+    second = trainer.train_epoch(progress=False)
+    assert 0 < second["reencoded_views"] < second["views"]
+    assert counting.images_seen == second["reencoded_views"]
+    lm2, _ = trainer.momentum_snapshot()
+    changed = ~np.isnan(lm2) & ~np.isnan(lm1)
+    assert not np.allclose(lm2[changed], lm1[changed])  # the EMA moved
+    assert trainer.momentum.epochs_ended == 2
+
+
+def test_resume_is_identical_to_an_uninterrupted_run(world, tmp_path):
+    cfg = config(mode="ecvl", epochs=2)
+    straight, _ = make_trainer(world, cfg)
+    stats_straight = [straight.train_epoch(progress=False) for _ in range(2)]
+
+    first, _ = make_trainer(world, cfg)
+    first.train_epoch(progress=False)
+    torch.save(first.state_dict(), tmp_path / "stage2.pt")
+    state = torch.load(tmp_path / "stage2.pt", weights_only=True)
+    resumed, _ = make_trainer(world, cfg, num_workers=2)  # threads change nothing
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 1
+    stats_resumed = resumed.train_epoch(progress=False)
+    assert stats_resumed["reencoded_views"] > 0  # epoch 2 augments: the resumed EMA drives it
+
+    for key, value in straight.adapter.state_dict().items():
+        assert torch.equal(value, resumed.adapter.state_dict()[key]), key
+    a, b = straight.momentum.state_dict(), resumed.momentum.state_dict()
+    assert torch.equal(a["momentum_loss"], b["momentum_loss"])
+    assert torch.equal(a["seen"], b["seen"])
+    for key in ("loss", "loss_cls", "loss_dcvl", "reencoded_views", "lr"):
+        assert stats_resumed[key] == stats_straight[1][key], key
+    with pytest.raises(TrainingError, match="all 2 epochs"):
+        resumed.train_epoch(progress=False)
+
+
+def test_resume_with_other_settings_is_refused(world):
+    trainer, _ = make_trainer(world, config(mode="ecvl"))
+    other, _ = make_trainer(world, config(mode="ballad"))
+    with pytest.raises(TrainingError, match="mode: 'ecvl' -> 'ballad'"):
+        other.load_state_dict(trainer.state_dict())
+
+
+def test_training_reduces_the_loss_on_a_separable_problem(world):
+    # Cached features of three well-separated clusters; the text features are random, so the
+    # adapter has to learn the mapping cluster -> class prompt.
+    gen = np.random.default_rng(5)
+    d = world["cache"].shape[1]
+    centres = gen.normal(size=(K, d))
+    feats = (centres[world["labels"]] + 0.3 * gen.normal(size=(N, d))).astype(np.float16)
+    labels = torch.from_numpy(world["labels"])
+    cfg = config(mode="ballad", epochs=15, residual_ratio=0.5, lr=3e-2, weight_decay=0.0)
+    trainer, _ = make_trainer(world, cfg, cache=feats)
+    before = (predict_cached(trainer.adapter, feats, world["text"], "cpu") == labels).float()
+    losses = [trainer.train_epoch(progress=False)["loss"] for _ in range(cfg.epochs)]
+    after = (predict_cached(trainer.adapter, feats, world["text"], "cpu") == labels).float()
+    assert losses[-1] < 0.5 * losses[0]
+    assert after.mean() == 1.0 and before.mean() < 1.0
+
+
+def test_ecvl_mode_learns_from_the_images(world):
+    cfg = config(mode="ecvl", epochs=6, residual_ratio=0.5, lr=3e-2, weight_decay=0.0)
+    trainer, _ = make_trainer(world, cfg)
+    cached = torch.from_numpy(world["cache"]).float()
+    labels = torch.from_numpy(world["labels"])
+
+    def clean_loss() -> float:
+        with torch.no_grad():
+            v = F.normalize(trainer.adapter(cached), dim=-1)
+            return float(image_to_text_loss(v, world["text"], labels, cfg.logit_scale))
+
+    def accuracy() -> float:
+        pred = predict_cached(trainer.adapter, world["cache"], world["text"], "cpu")
+        return float((pred == labels).float().mean())
+
+    loss0, acc0 = clean_loss(), accuracy()
+    stats = [trainer.train_epoch(progress=False) for _ in range(cfg.epochs)]
+    assert sum(s["reencoded_views"] for s in stats) > 0
+    assert clean_loss() < 0.5 * loss0
+    assert accuracy() == 1.0 > acc0
+
+
+def test_non_finite_loss_names_epoch_and_step(world):
+    trainer, _ = make_trainer(world, config(mode="ballad"))
+    with torch.no_grad():
+        trainer.adapter.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="epoch 1, step 1"):
+        trainer.train_epoch(progress=False)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown stage-II mode 'fancy'"):
+        config(mode="fancy")
+    with pytest.raises(ValueError, match="residual_ratio"):
+        config(residual_ratio=1.5)
+    with pytest.raises(TypeError):
+        Stage2Config(2, 8, 1.0)  # keyword-only
+    assert dataclasses.asdict(config())["mode"] == "ecvl"

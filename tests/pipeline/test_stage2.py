@@ -1,0 +1,146 @@
+"""`ecvl stage2` through the CLI on a tiny digits export."""
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import ecvl.stage2
+from ecvl.data.image_store import ImageStore, ImageStoreWriter
+from pipeline.cli import main
+from support import write_params
+
+UP = {"stage1": {"epochs": 1, "batch_size": 32}, "export": {"batch_size": 64}}
+STAGE2 = {"epochs": 2, "batch_size": 32, "encode_batch_size": 64}
+
+
+def _invoke(stage, params):
+    return CliRunner().invoke(main, [stage, "--params", str(params)])
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    params = write_params(root, **UP, stage2=STAGE2)
+    for stage in ("shard", "stage1", "export"):
+        assert _invoke(stage, params).exit_code == 0
+    return root
+
+
+def _params(tmp_path, upstream, **stage2):
+    params = write_params(tmp_path, **UP, stage2={**STAGE2, **stage2})
+    text = params.read_text()
+    for rel in ("data/shards", "models/stage1", "data/embeddings.zarr", "data/train_images.h5"):
+        text = text.replace(str(tmp_path / rel), str(upstream / rel))
+    params.write_text(text)
+    return params
+
+
+def test_all_modes_write_adapters_metrics_plots_and_trace(tmp_path, upstream):
+    result = _invoke("stage2", _params(tmp_path, upstream))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics/stage2.json").read_text())
+    assert metrics["split"] == "val"
+    modes = ("ballad", "contrast_standard", "ecvl")
+    for mode in modes:
+        assert {"all_acc", "few_acc", "macro_f1", "reencoded_fraction"} <= set(metrics[mode])
+        out = tmp_path / "models/stage2" / mode
+        assert set(load_file(out / "adapter.safetensors")) == {"weight", "bias"}
+        assert json.loads((out / "adapter.json").read_text())["mode"] == mode
+        with h5py.File(out / "momentum_trace.h5") as f:
+            n = len(f["labels"])
+            assert f["Lm"].shape == f["M"].shape == (2, n)
+            m = f["M"][1]
+            assert np.all((m >= 0) & (m <= 1)) and abs(float(np.mean(m)) - 0.5) < 1e-6
+    assert metrics["ballad"]["reencoded_fraction"] == 0.0
+    assert metrics["contrast_standard"]["reencoded_fraction"] == 1.0
+    rows = (tmp_path / "plots/stage2.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * len(modes) and rows[0].startswith("mode,epoch,loss,")
+    ecvl_rows = [r.split(",") for r in rows[1:] if r.startswith("ecvl,")]
+    header = rows[0].split(",")
+    frac = [float(r[header.index("reencoded_fraction")]) for r in ecvl_rows]
+    assert frac[0] == 0.0 and 0.0 < frac[1] < 1.0  # epoch 1 has no scores: nothing re-encoded
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"lambda": 1.5}, "stage2.lambda: must be <= 1, got 1.5"),
+        ({"beta": 1.0}, "stage2.beta: must be < 1, got 1.0"),
+        ({"k": 0}, "stage2.k: must be >= 1, got 0"),
+        ({"modes": ["ecvl", "balad"]}, "stage2.modes[1]: must be one of"),
+    ],
+)
+def test_bad_stage2_params_exit_2(tmp_path, upstream, override, message):
+    result = _invoke("stage2", _params(tmp_path, upstream, **override))
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_image_store_in_another_order_is_refused(tmp_path, upstream):
+    src = ImageStore(upstream / "data/train_images.h5")
+    order = np.arange(len(src))[::-1]
+    other = tmp_path / "other.h5"
+    with ImageStoreWriter(other, len(src)) as w:
+        w.write(
+            0,
+            [src.get_bytes(int(i)) for i in order],
+            np.asarray(src.labels)[order],
+            [str(src.keys[i]) for i in order],
+        )
+        w.mark_complete()
+    params = _params(tmp_path, upstream)
+    params.write_text(
+        params.read_text().replace(str(upstream / "data/train_images.h5"), str(other))
+    )
+    result = _invoke("stage2", params)
+    assert result.exit_code == 1 and "in a different order" in result.output
+
+
+def test_embeddings_from_another_model_are_refused(tmp_path, upstream):
+    model = tmp_path / "model"
+    shutil.copytree(upstream / "models/stage1", model)
+    weights = model / "open_clip_model.safetensors"
+    state = load_file(weights)
+    state["logit_scale"] = state["logit_scale"] + 1
+    from safetensors.torch import save_file
+
+    save_file(state, str(weights))
+    params = _params(tmp_path, upstream)
+    params.write_text(params.read_text().replace(str(upstream / "models/stage1"), str(model)))
+    result = _invoke("stage2", params)
+    assert result.exit_code == 1 and "exported from another stage-I model" in result.output
+
+
+def test_resume_after_kill_equals_straight_run(tmp_path, upstream, monkeypatch):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    straight.mkdir()
+    resumed.mkdir()
+    assert _invoke("stage2", _params(straight, upstream, modes=["ecvl"], epochs=3)).exit_code == 0
+    params = _params(resumed, upstream, modes=["ecvl"], epochs=3)
+    real = ecvl.stage2.Stage2Trainer.train_epoch
+
+    def killed_in_epoch_3(self, *args, **kwargs):
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ecvl.stage2.Stage2Trainer, "train_epoch", killed_in_epoch_3)
+    assert _invoke("stage2", params).exit_code == 130
+    monkeypatch.setattr(ecvl.stage2.Stage2Trainer, "train_epoch", real)
+    assert _invoke("stage2", params).exit_code == 0
+    a = load_file(straight / "models/stage2/ecvl/adapter.safetensors")
+    b = load_file(resumed / "models/stage2/ecvl/adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with (
+        h5py.File(straight / "models/stage2/ecvl/momentum_trace.h5") as fa,
+        h5py.File(resumed / "models/stage2/ecvl/momentum_trace.h5") as fb,
+    ):
+        assert np.array_equal(fa["Lm"][:], fb["Lm"][:], equal_nan=True)
+    assert (straight / "metrics/stage2.json").read_text() == (
+        resumed / "metrics/stage2.json"
+    ).read_text()
