@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 
+# The columns of the paper's tables, in their order.
+SUMMARY_KEYS = ("many_acc", "medium_acc", "few_acc", "all_acc", "macro_f1")
+
+
 def _labels(values: Any, name: str, num_classes: int) -> np.ndarray:
     """1-D int64 class indices, every one in [0, num_classes)."""
     arr = np.asarray(values)

@@ -17,7 +17,7 @@ from ecvl.errors import EcvlError
 from pipeline.params import load_params
 from pipeline.schema import ParamsError
 
-STAGES = ("shard", "stage1", "export", "stage2")
+STAGES = ("shard", "stage1", "export", "stage2", "evaluate")
 
 log = logging.getLogger("ecvl")
 
@@ -84,6 +84,7 @@ _SUMMARIES = {
     "stage1": "Fine-tune both open_clip towers on the long-tailed shards (resumable, DDP).",
     "export": "Cache embeddings (zarr) and train images (HDF5) for stage II (resumable).",
     "stage2": "Train the balanced adapter per mode, re-encoding only augmented views.",
+    "evaluate": "Tables (Many/Medium/Few/All, macro F1), per-class plots, metrics JSON.",
 }
 
 for _stage in STAGES:

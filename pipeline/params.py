@@ -192,6 +192,16 @@ class Stage2Params:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    """Results tables, per-class plots and metrics (DESIGN.md §1 Evaluation)."""
+
+    splits: tuple[Literal["test", "val"], ...] = ("test", "val")
+    zero_shot: bool = True
+    confusion: bool = True  # confusion matrix CSV of the last row, for <= 100 classes
+    batch_size: int = field(default=4096, metadata=bounds(ge=1))
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params file."""
 
@@ -202,6 +212,7 @@ class Params:
     stage1: Stage1Params = field(default_factory=Stage1Params)
     export: ExportParams = field(default_factory=ExportParams)
     stage2: Stage2Params = field(default_factory=Stage2Params)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 def load_params(path: Path | str) -> Params:

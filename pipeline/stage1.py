@@ -24,9 +24,10 @@ from ecvl.distributed import (
     world_info,
 )
 from ecvl.engine import Stage1Config, Stage1Trainer, resolve_precision
-from ecvl.evaluation import evaluate_on_shards
+from ecvl.evaluation import evaluate_clip
+from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.models.clip import create_model, save_open_clip_dir
-from ecvl.text import class_text_features, tokenize_prompts
+from ecvl.text import tokenize_prompts
 from pipeline.io import (
     atomic_dir,
     fingerprint,
@@ -39,8 +40,6 @@ from pipeline.params import Params
 from pipeline.schema import to_plain
 
 log = logging.getLogger(__name__)
-
-METRIC_KEYS = ("all_acc", "many_acc", "medium_acc", "few_acc", "macro_f1")
 
 
 def run(params: Params) -> None:
@@ -144,19 +143,11 @@ def _train(params: Params, world, device: torch.device) -> None:
 
 
 def _evaluate(bundle, manifest, split, params: Params, device, precision) -> dict:
-    with torch.no_grad():
-        text = class_text_features(
-            bundle.model,
-            bundle.tokenizer,
-            manifest.classes,
-            params.prompts.eval_templates,
-            device=device,
-        )
-    report, _, _ = evaluate_on_shards(
-        bundle.model,
+    report, _, _ = evaluate_clip(
+        bundle,
         manifest.shard_paths(split),
-        bundle.eval_transform,
-        text,
+        manifest.classes,
+        params.prompts.eval_templates,
         manifest.class_groups,
         device,
         precision,

@@ -24,6 +24,7 @@ from ecvl.data.shards import load_manifest
 from ecvl.distributed import resolve_device
 from ecvl.engine import resolve_precision
 from ecvl.errors import DataError
+from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.metrics import classification_report
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
@@ -41,7 +42,6 @@ from pipeline.schema import to_plain
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("all_acc", "many_acc", "medium_acc", "few_acc", "macro_f1")
 EPOCH_KEYS = (
     "epoch",
     "loss",

@@ -41,5 +41,51 @@ def test_dvc_repro_shard_then_nothing_to_do(repo):
     again = _sh(repo, "dvc", "repro", "shard")
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout
-    status = _sh(repo, "dvc", "status")
+    status = _sh(repo, "dvc", "status", "shard")
     assert "up to date" in status.stdout
+
+
+def _git_commit(repo, message):
+    _sh(repo, "git", "add", "-A")
+    run = _sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+    assert run.returncode == 0, run.stderr
+
+
+def _ran(output: str) -> list[str]:
+    return [
+        line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
+    ]
+
+
+@pytest.mark.slow
+def test_dvc_whole_pipeline_caching_and_metrics_diff(repo):
+    params_path = repo / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["stage1"].update(epochs=2, batch_size=32)
+    params["stage2"].update(epochs=2, batch_size=64)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    first = _sh(repo, "dvc", "repro")
+    assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
+    assert _ran(first.stdout) == ["shard", "stage1", "export", "stage2", "evaluate"]
+    table = (repo / "reports/results.md").read_text()
+    for row in ("Zero-shot", "Stage I (fine-tuned)", "BALLAD-like", "standard views", "full ECVL"):
+        assert row in table
+    assert (repo / "reports/per_class.png").stat().st_size > 1000
+    assert (repo / "dvc.lock").is_file()
+    _git_commit(repo, "first run")
+
+    again = _sh(repo, "dvc", "repro")
+    assert again.returncode == 0 and _ran(again.stdout) == []
+
+    params["stage2"]["lambda"] = 0.5
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _sh(repo, "dvc", "repro")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert _ran(changed.stdout) == ["stage2", "evaluate"]
+
+    diff = _sh(repo, "dvc", "metrics", "diff", "--all")
+    assert diff.returncode == 0, diff.stderr
+    assert "metrics/eval.json" in diff.stdout
+    assert "test.stage2_ecvl.all_acc" in diff.stdout
+    assert "test.stage1.few_acc" in diff.stdout

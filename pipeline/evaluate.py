@@ -1,0 +1,198 @@
+"""Stage `evaluate`: the results tables, per-class plots and metrics for `dvc metrics diff`.
+
+Rows: zero-shot (the backbone before stage I, through the shards), stage I (eq. 6 on the
+export's cached embeddings) and stage II, one row per trained mode (the paper's Table 5
+ablations). Columns: Many / Medium / Few / All accuracy and macro F1, on test and on val when
+the dataset has one. Group membership comes from the shard manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ecvl.data.embeddings import open_embeddings
+from ecvl.data.shards import load_manifest
+from ecvl.distributed import resolve_device
+from ecvl.engine import resolve_precision
+from ecvl.evaluation import evaluate_clip
+from ecvl.metrics import SUMMARY_KEYS as COLUMNS
+from ecvl.metrics import classification_report, confusion_matrix, per_class_accuracy
+from ecvl.models.adapter import build_adapter
+from ecvl.models.clip import create_model
+from ecvl.stage2 import predict_cached
+from pipeline.io import atomic_file, write_csv, write_json, write_text
+from pipeline.params import Params
+
+log = logging.getLogger(__name__)
+
+ROW_NAMES = {
+    "zero_shot": "Zero-shot (before stage I)",
+    "stage1": "Stage I (fine-tuned)",
+    "stage2_ballad": "Stage II: adapter + balanced sampling (BALLAD-like)",
+    "stage2_contrast_standard": "Stage II: + momentum contrast loss, standard views",
+    "stage2_ecvl": "Stage II: full ECVL",
+}
+
+
+def run(params: Params) -> None:
+    p, paths = params.evaluate, params.paths
+    device = resolve_device(params.base.device)
+    manifest = load_manifest(paths.shards)
+    emb = open_embeddings(paths.embeddings)
+    text = torch.from_numpy(emb.text_features())
+    splits = [s for s in ("test", "val") if s in emb.splits and s in p.splits]
+    groups = manifest.class_groups
+    k = manifest.num_classes
+
+    predictions: dict[str, dict[str, np.ndarray]] = {s: {} for s in splits}
+    truth = {s: emb.split(s).labels for s in splits}
+    if p.zero_shot:
+        for split, pred in _zero_shot(params, manifest, splits, device).items():
+            predictions[split]["zero_shot"] = pred
+    for split in splits:
+        feats = emb.split(split).features
+        predictions[split]["stage1"] = predict_cached(
+            torch.nn.Identity(), feats, text, device, p.batch_size
+        ).numpy()
+        for mode in params.stage2.modes:
+            adapter = _load_adapter(paths.stage2 / mode)
+            predictions[split][f"stage2_{mode}"] = predict_cached(
+                adapter, feats, text, device, p.batch_size
+            ).numpy()
+
+    metrics, tables = {}, []
+    for split in splits:
+        metrics[split] = {}
+        for row, pred in predictions[split].items():
+            report = classification_report(truth[split], pred, groups, k)
+            metrics[split][row] = {c: report[c] for c in COLUMNS}
+        tables.append(_markdown_table(split, metrics[split], manifest, params))
+    note = (
+        "Zero-shot uses the backbone as configured in `stage1` "
+        f"(`{params.stage1.model}`, pretrained: `{params.stage1.pretrained}`)"
+    )
+    if params.stage1.pretrained is None:
+        note += ": random init, so its row is chance level by construction, not a CLIP result"
+    write_json(paths.metrics / "eval.json", metrics)
+    write_text(paths.reports / "results.md", "\n\n".join(tables) + f"\n\n{note}.\n")
+    _per_class_outputs(params, manifest, predictions, truth)
+    log.info("wrote %s, %s", paths.metrics / "eval.json", paths.reports / "results.md")
+    for split in splits:
+        for row, m in metrics[split].items():
+            log.info(
+                "%s %-26s many %.4f medium %.4f few %.4f all %.4f F1 %.4f",
+                split,
+                row,
+                *(m[c] for c in COLUMNS),
+            )
+
+
+def _zero_shot(params: Params, manifest, splits, device) -> dict[str, np.ndarray]:
+    s1 = params.stage1
+    torch.manual_seed(params.base.seed)  # the initialisation stage I started from
+    bundle = create_model(s1.model, s1.pretrained, device=device)
+    precision = resolve_precision(s1.precision, device)
+    return {
+        split: evaluate_clip(
+            bundle,
+            manifest.shard_paths(split),
+            manifest.classes,
+            params.prompts.eval_templates,
+            manifest.class_groups,
+            device,
+            precision,
+            params.evaluate.batch_size,
+            params.base.num_workers,
+        )[2]
+        for split in splits
+    }
+
+
+def _load_adapter(out_dir):
+    config = json.loads((out_dir / "adapter.json").read_text())["adapter"]
+    return build_adapter(config, load_file(str(out_dir / "adapter.safetensors")))
+
+
+def _markdown_table(split: str, rows: dict, manifest, params: Params) -> str:
+    counts = manifest.train_counts
+    groups = manifest.class_groups
+    sizes = {g: groups.count(g) for g in ("many", "medium", "few")}
+    thresholds = manifest.data.get("group_thresholds", {})
+    head = (
+        f"### {split} split ({len(manifest.classes)} classes; Many {sizes['many']} / "
+        f"Medium {sizes['medium']} / Few {sizes['few']}; train images per class "
+        f"{max(counts)}…{min(counts)}, Many > {thresholds.get('many_above')}, "
+        f"Few < {thresholds.get('few_below')})"
+    )
+    lines = [
+        head,
+        "",
+        "| Method | Many | Medium | Few | All | Macro F1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row, m in rows.items():
+        cells = " | ".join(
+            "–" if m[c] is None or np.isnan(m[c]) else f"{100 * m[c]:.1f}" for c in COLUMNS
+        )
+        lines.append(f"| {ROW_NAMES.get(row, row)} | {cells} |")
+    return "\n".join(lines)
+
+
+def _per_class_outputs(params: Params, manifest, predictions, truth) -> None:
+    paths, k = params.paths, manifest.num_classes
+    split = "test" if "test" in predictions else next(iter(predictions))
+    rows = []
+    accs = {
+        row: per_class_accuracy(truth[split], pred, k) for row, pred in predictions[split].items()
+    }
+    for c in range(k):
+        rows.append(
+            {
+                "class": manifest.classes[c],
+                "train_count": manifest.train_counts[c],
+                "group": manifest.class_groups[c],
+                **{f"acc_{row}": float(a[c]) for row, a in accs.items()},
+            }
+        )
+    write_csv(paths.plots / "per_class.csv", rows)
+    _plot_per_class(paths.reports / "per_class.png", manifest, accs, split)
+    if params.evaluate.confusion and k <= 100:
+        best = list(predictions[split])[-1]
+        cm = confusion_matrix(truth[split], predictions[split][best], k)
+        write_csv(
+            paths.reports / f"confusion_{best}.csv",
+            [
+                {
+                    "true": manifest.classes[i],
+                    **{manifest.classes[j]: int(cm[i, j]) for j in range(k)},
+                }
+                for i in range(k)
+            ],
+        )
+
+
+def _plot_per_class(path, manifest, accs, split) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(manifest.train_counts)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for row, acc in accs.items():
+        ax.scatter(counts, acc, s=14, alpha=0.75, label=ROW_NAMES.get(row, row))
+    ax.set_xscale("log")
+    ax.set_xlabel("train images of the class (log scale)")
+    ax.set_ylabel(f"{split} accuracy of the class")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
