@@ -67,12 +67,3 @@ def barrier(world: WorldInfo) -> None:
 def shutdown(world: WorldInfo) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def all_reduce_mean(value: float, world: WorldInfo) -> float:
-    """Mean of a scalar over ranks (for logging)."""
-    if not (world.distributed and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / world.world_size

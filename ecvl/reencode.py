@@ -71,12 +71,15 @@ class ViewRequest:
         seed: int or sequence of ints; view j's pixel randomness is `view_rng(seed, j)`.
         view_transform: ``f(image, rng) -> image`` applied to *every* view instead of plans
             (ablation 2, e.g. `ecvl.augment.standard_view_transform`); every view is re-encoded.
+        reencode_all: re-encode clean views too (their plan is empty, so only decode and
+            transform): the naive path, for benchmarks and for checking the cache.
     """
 
     indices: Any
     plans: Sequence[ViewPlan] | None = None
     seed: Seed = 0
     view_transform: ViewTransform | None = None
+    reencode_all: bool = False
 
 
 @dataclass
@@ -216,6 +219,7 @@ class SelectiveEncoder:
         seed: Seed = 0,
         *,
         view_transform: ViewTransform | None = None,
+        reencode_all: bool = False,
     ) -> tuple[torch.Tensor, int]:
         """Features of B views (see `ViewRequest` for the arguments).
 
@@ -229,7 +233,7 @@ class SelectiveEncoder:
                 out of range.
             DataError: an image does not decode.
         """
-        request = ViewRequest(indices, plans, seed, view_transform)
+        request = ViewRequest(indices, plans, seed, view_transform, reencode_all)
         return next(self.encode_stream([request]))
 
     def encode_stream(self, requests: Iterable[ViewRequest]) -> Iterator[tuple[torch.Tensor, int]]:
@@ -303,7 +307,7 @@ class SelectiveEncoder:
             raise ValueError("pass either plans or a view_transform, not both")
         if plans is not None and len(plans) != idx.size:
             raise ValueError(f"{len(plans)} plans for {idx.size} views")
-        if transform is not None:
+        if transform is not None or request.reencode_all:
             work_pos = np.arange(idx.size)
         elif plans is None:
             work_pos = np.zeros(0, dtype=np.int64)
@@ -313,7 +317,8 @@ class SelectiveEncoder:
         # One decode per sample, however many of its views need pixels.
         groups: dict[int, list[tuple[int, ViewPlan | None]]] = {}
         for j in work_pos.tolist():
-            groups.setdefault(int(idx[j]), []).append((j, None if plans is None else plans[j]))
+            plan = None if transform is not None else () if plans is None else plans[j]
+            groups.setdefault(int(idx[j]), []).append((j, plan))
         return _Prepared(
             indices=idx,
             clean=clean,

@@ -72,6 +72,9 @@ def run(params: Params) -> None:
             report = classification_report(truth[split], pred, groups, k)
             metrics[split][row] = {c: report[c] for c in COLUMNS}
         tables.append(_markdown_table(split, metrics[split], manifest, params))
+        # `stage2` = the last mode listed (the method's own row), so that experiments that
+        # each train one mode (`dvc exp run -S 'stage2.modes=[ballad]'`) share metric keys.
+        metrics[split]["stage2"] = metrics[split][f"stage2_{params.stage2.modes[-1]}"]
     note = (
         "Zero-shot uses the backbone as configured in `stage1` "
         f"(`{params.stage1.model}`, pretrained: `{params.stage1.pretrained}`)"

@@ -30,7 +30,7 @@ from ecvl.errors import DataError, ModelError
 from ecvl.models.clip import ClipBundle
 from ecvl.text import class_text_features
 from pipeline.artifacts import load_stage1, model_digest
-from pipeline.io import fingerprint, replace
+from pipeline.io import code_digest, fingerprint, replace
 from pipeline.params import Params
 from pipeline.schema import to_plain
 
@@ -73,6 +73,7 @@ def run(params: Params) -> None:
         for s in manifest.splits
     }
     run_id = fingerprint(
+        code_digest(),
         to_plain(p),
         templates,
         digest,

@@ -167,3 +167,24 @@ def write_csv(path: Path | str, rows: list[dict]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _jsonable(v) for k, v in row.items()})
+
+
+def code_digest() -> str:
+    """Digest of the installed `ecvl` and `pipeline` sources (and shipped model configs).
+
+    Part of every resume fingerprint: after a code change DVC re-runs the stage, and the
+    stage must then not resume from (or reuse) state that older code produced.
+    """
+    import hashlib
+
+    import ecvl
+    import pipeline
+
+    h = hashlib.sha256()
+    for package in (ecvl, pipeline):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*")):
+            if path.suffix in (".py", ".json") and path.is_file():
+                h.update(str(path.relative_to(root.parent)).encode() + b"\0")
+                h.update(path.read_bytes())
+    return h.hexdigest()

@@ -30,6 +30,7 @@ from ecvl.models.clip import create_model, save_open_clip_dir
 from ecvl.text import tokenize_prompts
 from pipeline.io import (
     atomic_dir,
+    code_digest,
     fingerprint,
     load_checkpoint,
     save_checkpoint,
@@ -77,6 +78,7 @@ def _train(params: Params, world, device: torch.device) -> None:
     )
     trainer = Stage1Trainer(bundle.model, tokens, config, device, ddp=world.distributed)
     run_id = fingerprint(
+        code_digest(),
         to_plain(p),
         to_plain(params.prompts),
         params.base.seed,

@@ -31,6 +31,7 @@ from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
 from pipeline.artifacts import load_stage1, model_digest
 from pipeline.io import (
     atomic_dir,
+    code_digest,
     fingerprint,
     load_checkpoint,
     save_checkpoint,
@@ -172,7 +173,9 @@ def _train_mode(
     trainer = Stage2Trainer(
         None, text, train.labels, encoder, config, device, class_groups=manifest.class_groups
     )
-    run_id = fingerprint(mode, to_plain(p), params.base.seed, model_digest(paths.stage1), precision)
+    run_id = fingerprint(
+        code_digest(), mode, to_plain(p), params.base.seed, model_digest(paths.stage1), precision
+    )
     ckpt = paths.checkpoints / f"stage2-{mode}.pt"
     rows: list[dict] = []
     trace = {"Lm": [], "M": []}

@@ -15,7 +15,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
@@ -210,7 +209,3 @@ def load_manifest(shard_dir: Path | str) -> Manifest:
             if not Path(shard).is_file():
                 raise DataError(f"{path}: listed shard is missing: {shard}")
     return manifest
-
-
-def class_histogram(labels: np.ndarray, num_classes: int) -> list[int]:
-    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()

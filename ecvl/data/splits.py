@@ -63,10 +63,6 @@ class CarvedSplits:
     profile_counts: list[int] | None = None
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def imbalance_ratio(self) -> float:
-        return max(self.train_counts) / max(1, min(self.train_counts))
-
 
 def _rng(seed: int, stream: str) -> np.random.Generator:
     return np.random.default_rng([seed, _STREAM[stream]])

@@ -205,3 +205,14 @@ def test_bad_requests_raise(world):
         SelectiveEncoder(
             world["cache"][:-1], world["store"], world["model"], world["transform"], "cpu"
         )
+
+
+def test_reencode_all_encodes_clean_views_to_their_cached_rows(world):
+    """The naive path: clean views go through the encoder too and land on the cache (float16)."""
+    enc, counting = make_encoder(world)
+    idx = np.arange(N)
+    plans = plan_views(np.zeros(N), k=2, rng=0)  # all clean
+    feats, n = enc.encode_views(idx, plans, seed=0, reencode_all=True)
+    assert n == N == counting.images_seen
+    cached = torch.from_numpy(world["cache"]).float()
+    torch.testing.assert_close(feats, cached, rtol=2e-3, atol=2e-3)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import ecvl.engine
+import pipeline.stage1
 from ecvl.models.clip import create_model
 from pipeline.cli import main
 from support import write_params
@@ -220,3 +221,15 @@ def test_embedded_default_is_clearly_above_chance_on_test(tmp_path):
     )
     assert len(y_true) == 400
     assert report["all_acc"] >= 0.5, report
+
+
+def test_checkpoint_from_other_code_is_not_reused(tmp_path, shards, caplog, monkeypatch):
+    params = _params(tmp_path, shards, epochs=1)
+    assert _invoke("stage1", params).exit_code == 0
+    caplog.set_level("INFO")
+    assert _invoke("stage1", params).exit_code == 0  # same code: the finished run is reused
+    assert "resuming stage1 after epoch 1 of 1" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(pipeline.stage1, "code_digest", lambda: "edited code")
+    assert _invoke("stage1", params).exit_code == 0
+    assert "from other params or data; starting over" in caplog.text
