@@ -19,31 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import digits_train_shards
 
 from ecvl.data.embeddings import EmbeddingWriter
 from ecvl.data.image_store import ImageStoreWriter
 from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
-from ecvl.data.shards import load_manifest, write_manifest, write_split_shards
-from ecvl.data.sources import DigitsSource
+from ecvl.data.shards import load_manifest
 from ecvl.models.clip import create_model
 from pipeline.export import _export_split
-
-
-def build_shards(root: Path, n: int, maxcount: int) -> Path:
-    source = DigitsSource().load()
-    split = source.splits["train"].subset(torch.arange(n).numpy())
-    written = write_split_shards(
-        split, "train", source.classes, root, maxcount=maxcount, progress=False
-    )
-    write_manifest(
-        root,
-        {
-            "classes": list(source.classes),
-            "class_groups": ["many"] * len(source.classes),
-            "splits": {"train": written.to_json()},
-        },
-    )
-    return root
 
 
 def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) -> dict:
@@ -53,7 +36,7 @@ def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) 
     bundle.model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        manifest = load_manifest(build_shards(tmp / "shards", n, maxcount=max(1, n // 4)))
+        manifest = load_manifest(digits_train_shards(tmp / "shards", max(1, n // 4), n))
         urls = manifest.shard_paths("train")
         workers = check_shard_count(len(urls), 1, workers)
         # the bare arm: the same images, decoded and transformed beforehand

@@ -26,31 +26,13 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from common import digits_train_shards
 
 from ecvl.data.reader import check_shard_count, make_loader, take, train_pipeline
-from ecvl.data.shards import load_manifest, write_manifest, write_split_shards
-from ecvl.data.sources import DigitsSource
-from ecvl.data.splits import SplitPlan, carve_splits
+from ecvl.data.shards import load_manifest
 from ecvl.engine import Stage1Config, Stage1Trainer
 from ecvl.models.clip import create_model
 from ecvl.text import tokenize_prompts
-
-
-def build_shards(root: Path, maxcount: int) -> Path:
-    source = DigitsSource().load()
-    carved = carve_splits(source, SplitPlan(seed=0))
-    written = write_split_shards(
-        carved.splits["train"], "train", source.classes, root, maxcount=maxcount, progress=False
-    )
-    write_manifest(
-        root,
-        {
-            "classes": list(source.classes),
-            "class_groups": ["many"] * len(source.classes),
-            "splits": {"train": written.to_json()},
-        },
-    )
-    return root
 
 
 def main() -> None:
@@ -68,7 +50,7 @@ def main() -> None:
     device = torch.device("cpu")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = load_manifest(build_shards(Path(tmp), maxcount=200))
+        manifest = load_manifest(digits_train_shards(Path(tmp), maxcount=200))
         bundle = create_model(args.model, device=device)
         tokens = tokenize_prompts(bundle.tokenizer, manifest.classes, ["a photo of a {}."])
         total = args.steps * (4 * args.pairs + 2)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -74,3 +75,50 @@ def write_params(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+class CountingEncoder(torch.nn.Module):
+    """Wraps an open_clip model and records every image batch `encode_image` receives."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.batches: list[torch.Tensor] = []
+
+    @property
+    def images_seen(self) -> int:
+        return sum(b.shape[0] for b in self.batches)
+
+    def encode_image(self, x, normalize: bool = False):
+        self.batches.append(x.clone())
+        return self.model.encode_image(x, normalize=normalize)
+
+
+def cached_world(directory: Path, pixels: np.ndarray, labels: np.ndarray) -> dict:
+    """A random-init tiny ViT, `pixels` as PNGs in an image store, and their embedding cache
+    (what the export writes), for stage-II tests."""
+    import io
+
+    from PIL import Image
+
+    from ecvl.data.image_store import ImageStore, ImageStoreWriter
+    from ecvl.models.clip import create_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        bundle = create_model("ecvl-tiny-vit")
+    model = bundle.model.eval()
+    encoded = []
+    for p in pixels.astype(np.uint8):
+        buf = io.BytesIO()
+        Image.fromarray(p).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    path = directory / "train.h5"
+    with ImageStoreWriter(path, len(pixels)) as w:
+        w.write(0, encoded, labels, [f"s{i}" for i in range(len(pixels))])
+        w.mark_complete()
+    store = ImageStore(path)
+    with torch.inference_mode():
+        x = torch.stack([bundle.eval_transform(store.get_image(i)) for i in range(len(pixels))])
+        cache = model.encode_image(x, normalize=False).numpy().astype(np.float16)
+    return {"model": model, "transform": bundle.eval_transform, "store": store, "cache": cache}

@@ -21,8 +21,9 @@ def test_export_outputs_read_with_plain_libraries(tmp_path):
     params = write_params(tmp_path, stage1={"epochs": 1, "batch_size": 32})
     ecvl = Path(sys.executable).parent / "ecvl"
     for stage in ("shard", "stage1", "export"):
-        run = subprocess.run([str(ecvl), stage, "--params", str(params)], capture_output=True,
-                             text=True)
+        run = subprocess.run(
+            [str(ecvl), stage, "--params", str(params)], capture_output=True, text=True
+        )
         assert run.returncode == 0, run.stderr[-2000:]
 
     root = zarr.open_group(str(tmp_path / "data/embeddings.zarr"), mode="r")
@@ -31,8 +32,10 @@ def test_export_outputs_read_with_plain_libraries(tmp_path):
         feats = root[f"{split}/features"]
         assert feats.shape == (meta["splits"][split]["count"], root.attrs["embed_dim"])
         assert feats.dtype == np.float16
-        assert np.bincount(root[f"{split}/labels"][:], minlength=10).tolist() == (
-            meta["splits"][split]["per_class"])
+        assert (
+            np.bincount(root[f"{split}/labels"][:], minlength=10).tolist()
+            == (meta["splits"][split]["per_class"])
+        )
     text = root["text/features"][:]
     assert text.shape == (10, root.attrs["embed_dim"])
     np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-5)

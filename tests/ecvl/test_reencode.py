@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ecvl.augment import PlannedOp, apply_plan, plan_views, standard_view_transform
-from ecvl.data.image_store import ImageStore, ImageStoreWriter
 from ecvl.errors import DataError
 from ecvl.models.adapter import ResidualAdapter
-from ecvl.models.clip import create_model
 from ecvl.reencode import SelectiveEncoder, ViewRequest, view_rng
+from support import CountingEncoder, cached_world
 
 N = 16
-
-
-class CountingEncoder(torch.nn.Module):
-    """Wraps an open_clip model and records every image batch `encode_image` receives."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.batches: list[torch.Tensor] = []
-
-    @property
-    def images_seen(self) -> int:
-        return sum(b.shape[0] for b in self.batches)
-
-    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        self.batches.append(x.clone())
-        return self.model.encode_image(x, normalize=normalize)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,27 +28,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A random-init tiny ViT, N random 32×32 PNGs in an image store, and their cache."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        bundle = create_model("ecvl-tiny-vit")
-    model = bundle.model.eval()
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=(N, 32, 32, 3), dtype=np.uint8)
-    encoded = []
-    for p in pixels:
-        buf = io.BytesIO()
-        Image.fromarray(p).save(buf, format="PNG")
-        encoded.append(buf.getvalue())
-    labels = np.arange(N) % 3
-    path = tmp_path_factory.mktemp("reencode") / "train.h5"
-    with ImageStoreWriter(path, N) as w:
-        w.write(0, encoded, labels, [f"s{i}" for i in range(N)])
-        w.mark_complete()
-    store = ImageStore(path)
-    with torch.inference_mode():
-        x = torch.stack([bundle.eval_transform(store.get_image(i)) for i in range(N)])
-        cache = model.encode_image(x, normalize=False).numpy().astype(np.float16)
-    return {"model": model, "transform": bundle.eval_transform, "store": store, "cache": cache}
+    pixels = np.random.default_rng(0).integers(0, 256, size=(N, 32, 32, 3), dtype=np.uint8)
+    return cached_world(tmp_path_factory.mktemp("reencode"), pixels, np.arange(N) % 3)
 
 
 def make_encoder(world, **kw) -> tuple[SelectiveEncoder, CountingEncoder]:

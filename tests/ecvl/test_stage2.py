@@ -3,40 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from ecvl.data.image_store import ImageStore, ImageStoreWriter
 from ecvl.errors import TrainingError
 from ecvl.losses import image_to_text_loss
 from ecvl.models.adapter import ResidualAdapter
-from ecvl.models.clip import create_model
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
+from support import CountingEncoder, cached_world
 
 COUNTS = (12, 8, 4)  # three classes, long-tailed
 N = sum(COUNTS)
 K = len(COUNTS)
 GROUPS = ["many", "medium", "few"]
-
-
-class CountingEncoder(torch.nn.Module):
-    """Wraps an open_clip model and counts the images `encode_image` receives."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.images_seen = 0
-
-    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        self.images_seen += x.shape[0]
-        return self.model.encode_image(x, normalize=normalize)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,37 +34,15 @@ def one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Tiny random-init ViT, N random 32×32 PNGs in an image store, their cache, text features."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        bundle = create_model("ecvl-tiny-vit")
-    model = bundle.model.eval()
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(K), COUNTS)
     # Each class has its own dominant colour channel, so even a random encoder separates them.
     pixels = rng.integers(0, 96, size=(N, 32, 32, 3))
     pixels[np.arange(N), :, :, labels] += 150
-    encoded = []
-    for p in pixels.astype(np.uint8):
-        buf = io.BytesIO()
-        Image.fromarray(p).save(buf, format="PNG")
-        encoded.append(buf.getvalue())
-    path = tmp_path_factory.mktemp("stage2") / "train.h5"
-    with ImageStoreWriter(path, N) as w:
-        w.write(0, encoded, labels, [f"s{i}" for i in range(N)])
-        w.mark_complete()
-    store = ImageStore(path)
-    with torch.inference_mode():
-        x = torch.stack([bundle.eval_transform(store.get_image(i)) for i in range(N)])
-        cache = model.encode_image(x, normalize=False).numpy().astype(np.float16)
-    text = F.normalize(torch.randn(K, cache.shape[1], generator=torch.Generator().manual_seed(1)))
-    return {
-        "model": model,
-        "transform": bundle.eval_transform,
-        "store": store,
-        "cache": cache,
-        "labels": labels,
-        "text": text,
-    }
+    world = cached_world(tmp_path_factory.mktemp("stage2"), pixels, labels)
+    dim = world["cache"].shape[1]
+    text = F.normalize(torch.randn(K, dim, generator=torch.Generator().manual_seed(1)))
+    return {**world, "labels": labels, "text": text}
 
 
 def config(**kw) -> Stage2Config:

@@ -37,8 +37,7 @@ def test_outputs(evaluated):
     root = evaluated
     metrics = json.loads((root / "metrics/eval.json").read_text())
     assert set(metrics) == {"test", "val"}
-    assert set(metrics["test"]) == {"zero_shot", "stage1", "stage2_ballad", "stage2_ecvl",
-                                    "stage2"}
+    assert set(metrics["test"]) == {"zero_shot", "stage1", "stage2_ballad", "stage2_ecvl", "stage2"}
     assert metrics["test"]["stage2"] == metrics["test"]["stage2_ecvl"]
     for row in metrics["test"].values():
         assert set(row) == {"many_acc", "medium_acc", "few_acc", "all_acc", "macro_f1"}
