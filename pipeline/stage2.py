@@ -12,20 +12,22 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ecvl.data.embeddings import open_embeddings
+from ecvl.data.embeddings import SplitData, open_embeddings
 from ecvl.data.image_store import ImageStore
-from ecvl.data.shards import load_manifest
+from ecvl.data.shards import Manifest, load_manifest
 from ecvl.distributed import resolve_device
 from ecvl.engine import resolve_precision
 from ecvl.errors import DataError
 from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.metrics import classification_report
+from ecvl.models.clip import ClipBundle
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
 from pipeline.artifacts import load_stage1, model_digest
@@ -60,6 +62,23 @@ EPOCH_KEYS = (
 )
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What every mode trains from, read and checked once per run."""
+
+    bundle: ClipBundle
+    train: SplitData
+    store: ImageStore
+    text: np.ndarray
+    logit_scale: float
+    manifest: Manifest
+    evaluation: SplitData
+    eval_split: str
+    device: torch.device
+    precision: str
+    run_digest: str  # code + stage-I weights: part of every mode's resume fingerprint
+
+
 def run(params: Params) -> None:
     p, paths = params.stage2, params.paths
     device = resolve_device(params.base.device)
@@ -68,29 +87,27 @@ def run(params: Params) -> None:
     emb = open_embeddings(paths.embeddings)
     store = ImageStore(paths.image_store)
     train = emb.split("train")
-    _check_caches(params, emb, train, store, manifest)
+    digest = model_digest(paths.stage1)
+    _check_caches(params, emb, train, store, manifest, digest)
     bundle, _ = load_stage1(paths.stage1, device)
-    logit_scale = float(bundle.model.logit_scale.detach().float().item())
-    text = emb.text_features()
     eval_split = "val" if "val" in emb.splits else "test"
-    evaluation = emb.split(eval_split)
+    inputs = _Inputs(
+        bundle=bundle,
+        train=train,
+        store=store,
+        text=emb.text_features(),
+        logit_scale=float(bundle.model.logit_scale.detach().float().item()),
+        manifest=manifest,
+        evaluation=emb.split(eval_split),
+        eval_split=eval_split,
+        device=device,
+        precision=precision,
+        run_digest=fingerprint(code_digest(), digest),
+    )
 
     results, history = {}, []
     for mode in p.modes:
-        trainer, rows, trace = _train_mode(
-            mode,
-            params,
-            bundle,
-            train,
-            store,
-            text,
-            logit_scale,
-            manifest,
-            evaluation,
-            eval_split,
-            device,
-            precision,
-        )
+        trainer, rows, trace = _train_mode(mode, params, inputs)
         results[mode] = {k: rows[-1][f"{eval_split}_{k}"] for k in METRIC_KEYS}
         history += rows
         results[mode]["reencoded_fraction"] = float(
@@ -104,7 +121,7 @@ def run(params: Params) -> None:
     )
 
 
-def _check_caches(params: Params, emb, train, store: ImageStore, manifest) -> None:
+def _check_caches(params: Params, emb, train, store: ImageStore, manifest, digest: str) -> None:
     paths = params.paths
     if len(store) != len(train.labels):
         raise DataError(
@@ -116,7 +133,6 @@ def _check_caches(params: Params, emb, train, store: ImageStore, manifest) -> No
             f"{paths.image_store} and {paths.embeddings} list the train samples in "
             "a different order (re-run `ecvl export`)"
         )
-    digest = model_digest(paths.stage1)
     if emb.checkpoint_digest != digest:
         raise DataError(
             f"{paths.embeddings} was exported from another stage-I model than "
@@ -126,27 +142,15 @@ def _check_caches(params: Params, emb, train, store: ImageStore, manifest) -> No
         raise DataError(f"{paths.embeddings} and {paths.shards} have different classes")
 
 
-def _train_mode(
-    mode,
-    params: Params,
-    bundle,
-    train,
-    store,
-    text,
-    logit_scale,
-    manifest,
-    evaluation,
-    eval_split,
-    device,
-    precision,
-):
+def _train_mode(mode: str, params: Params, inputs: _Inputs):
     p, paths = params.stage2, params.paths
+    train = inputs.train
     draws = p.draws_per_epoch or len(train.labels)
     steps = math.ceil(draws / p.batch_size)
     config = Stage2Config(
         epochs=p.epochs,
         batch_size=p.batch_size,
-        logit_scale=logit_scale,
+        logit_scale=inputs.logit_scale,
         lr=p.lr,
         weight_decay=p.weight_decay,
         warmup_steps=math.ceil(p.warmup_epochs * steps),
@@ -162,20 +166,26 @@ def _train_mode(
     )
     encoder = SelectiveEncoder(
         train.features,
-        store,
-        bundle.model,
-        bundle.eval_transform,
-        device,
-        precision=precision,
+        inputs.store,
+        inputs.bundle.model,
+        inputs.bundle.eval_transform,
+        inputs.device,
+        precision=inputs.precision,
         batch_size=p.encode_batch_size,
         num_workers=p.augment_workers,
     )
+    manifest, device = inputs.manifest, inputs.device
     trainer = Stage2Trainer(
-        None, text, train.labels, encoder, config, device, class_groups=manifest.class_groups
+        None,
+        inputs.text,
+        train.labels,
+        encoder,
+        config,
+        device,
+        class_groups=manifest.class_groups,
     )
-    run_id = fingerprint(
-        code_digest(), mode, to_plain(p), params.base.seed, model_digest(paths.stage1), precision
-    )
+    run_id = fingerprint(inputs.run_digest, mode, to_plain(p), params.base.seed, inputs.precision)
+    evaluation, eval_split, text = inputs.evaluation, inputs.eval_split, inputs.text
     ckpt = paths.checkpoints / f"stage2-{mode}.pt"
     rows: list[dict] = []
     trace = {"Lm": [], "M": []}

@@ -20,3 +20,14 @@ def pytest_collection_modifyitems(config, items):
 def tiny_npz(tmp_path) -> dict:
     """Three classes with 8/3/1 train images, 2 test images each."""
     return tiny_npz_files(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: more intra-op threads only add contention on a shared 2-core box."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

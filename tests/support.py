@@ -43,24 +43,42 @@ def tiny_npz_files(tmp_path: Path) -> dict:
     return {"train": train, "test": test, "classes": classes}
 
 
+ARTIFACTS = {
+    "shards": "data/shards",
+    "stage1": "models/stage1",
+    "checkpoints": "checkpoints",
+    "embeddings": "data/embeddings.zarr",
+    "image_store": "data/train_images.h5",
+    "stage2": "models/stage2",
+    "metrics": "metrics",
+    "plots": "plots",
+    "reports": "reports",
+}
+
+
+def upstream_paths(upstream: Path, *names: str) -> dict:
+    """`paths` entries that point at artifacts another test run wrote under `upstream`."""
+    return {name: str(upstream / ARTIFACTS[name]) for name in names}
+
+
+def edited_model_copy(upstream: Path, directory: Path, edit) -> Path:
+    """A copy of `upstream`'s stage-I model dir whose `ecvl.json` went through `edit(info)`."""
+    import json
+    import shutil
+
+    model = directory / "model"
+    shutil.copytree(upstream / ARTIFACTS["stage1"], model)
+    info = json.loads((model / "ecvl.json").read_text())
+    edit(info)
+    (model / "ecvl.json").write_text(json.dumps(info))
+    return model
+
+
 def write_params(tmp_path: Path, **sections) -> Path:
     """A params file whose artifacts all live under tmp_path; `sections` override keys."""
     data = {
         "base": {"seed": 0, "device": "cpu", "num_workers": 0, "progress": False},
-        "paths": {
-            name: str(tmp_path / rel)
-            for name, rel in {
-                "shards": "data/shards",
-                "stage1": "models/stage1",
-                "checkpoints": "checkpoints",
-                "embeddings": "data/embeddings.zarr",
-                "image_store": "data/train_images.h5",
-                "stage2": "models/stage2",
-                "metrics": "metrics",
-                "plots": "plots",
-                "reports": "reports",
-            }.items()
-        },
+        "paths": {name: str(tmp_path / rel) for name, rel in ARTIFACTS.items()},
         "shard": {
             "source": {"name": "digits"},
             "test_per_class": 10,

@@ -1,8 +1,5 @@
 """`ecvl export`: embeddings and the train image store, aligned, resumable, atomic."""
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +13,7 @@ from ecvl.data.shards import load_manifest
 from ecvl.models.clip import create_model
 from ecvl.text import class_text_features
 from pipeline.cli import main
-from support import write_params
+from support import edited_model_copy, upstream_paths, write_params
 
 STAGE1 = {"epochs": 1, "batch_size": 32, "eval_batch_size": 128}
 EXPORT = {"batch_size": 40}
@@ -36,13 +33,11 @@ def upstream(tmp_path_factory):
     return root
 
 
-def _params(tmp_path, upstream, **export):
-    params = write_params(tmp_path, stage1=STAGE1, export={**EXPORT, **export})
-    text = params.read_text()
-    for rel in ("data/shards", "models/stage1"):
-        text = text.replace(str(tmp_path / rel), str(upstream / rel))
-    params.write_text(text)
-    return params
+def _params(tmp_path, upstream, model=None):
+    paths = upstream_paths(upstream, "shards", "stage1")
+    if model is not None:
+        paths["stage1"] = str(model)
+    return write_params(tmp_path, paths=paths, stage1=STAGE1, export=EXPORT)
 
 
 @pytest.fixture(scope="module")
@@ -127,33 +122,19 @@ def test_kill_and_rerun_equals_straight_run(exported, upstream, tmp_path, monkey
 
 
 def test_missing_stage1_model(tmp_path, upstream):
-    params = _params(tmp_path, upstream)
-    params.write_text(
-        params.read_text().replace(str(upstream / "models/stage1"), str(tmp_path / "nope"))
-    )
-    result = _invoke("export", params)
+    result = _invoke("export", _params(tmp_path, upstream, model=tmp_path / "nope"))
     assert result.exit_code == 1 and "stage-I model not found" in result.output
 
 
 def test_model_for_other_classes(tmp_path, upstream):
-    model = tmp_path / "model"
-    shutil.copytree(upstream / "models/stage1", model)
-    info = json.loads((model / "ecvl.json").read_text())
-    info["classes"][0] = "cat"
-    (model / "ecvl.json").write_text(json.dumps(info))
-    params = _params(tmp_path, upstream)
-    params.write_text(params.read_text().replace(str(upstream / "models/stage1"), str(model)))
-    result = _invoke("export", params)
+    model = edited_model_copy(
+        upstream, tmp_path, lambda info: info["classes"].__setitem__(0, "cat")
+    )
+    result = _invoke("export", _params(tmp_path, upstream, model=model))
     assert result.exit_code == 1 and "trained on other classes" in result.output
 
 
 def test_model_with_other_embedding_dim(tmp_path, upstream):
-    model = tmp_path / "model"
-    shutil.copytree(upstream / "models/stage1", model)
-    info = json.loads((model / "ecvl.json").read_text())
-    info["embed_dim"] = 128
-    (model / "ecvl.json").write_text(json.dumps(info))
-    params = _params(tmp_path, upstream)
-    params.write_text(params.read_text().replace(str(upstream / "models/stage1"), str(model)))
-    result = _invoke("export", params)
+    model = edited_model_copy(upstream, tmp_path, lambda info: info.update(embed_dim=128))
+    result = _invoke("export", _params(tmp_path, upstream, model=model))
     assert result.exit_code == 1 and "embedding dim 64" in result.output

@@ -16,7 +16,7 @@ import ecvl.engine
 import pipeline.stage1
 from ecvl.models.clip import create_model
 from pipeline.cli import main
-from support import write_params
+from support import upstream_paths, write_params
 
 TINY = {"epochs": 2, "batch_size": 32, "lr": 2e-3, "warmup_epochs": 0.5, "eval_batch_size": 128}
 
@@ -35,10 +35,7 @@ def shards(tmp_path_factory):
 
 
 def _params(tmp_path, shards, **stage1):
-    params = write_params(tmp_path, stage1={**TINY, **stage1})
-    text = params.read_text().replace(str(tmp_path / "data/shards"), str(shards / "data/shards"))
-    params.write_text(text)
-    return params
+    return write_params(tmp_path, paths=upstream_paths(shards, "shards"), stage1={**TINY, **stage1})
 
 
 def test_stage1_writes_model_metrics_and_plots(tmp_path, shards):

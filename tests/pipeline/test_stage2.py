@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import ecvl.stage2
 from ecvl.data.image_store import ImageStore, ImageStoreWriter
 from pipeline.cli import main
-from support import write_params
+from support import upstream_paths, write_params
 
 UP = {"stage1": {"epochs": 1, "batch_size": 32}, "export": {"batch_size": 64}}
 STAGE2 = {"epochs": 2, "batch_size": 32, "encode_batch_size": 64}
@@ -32,13 +32,11 @@ def upstream(tmp_path_factory):
     return root
 
 
-def _params(tmp_path, upstream, **stage2):
-    params = write_params(tmp_path, **UP, stage2={**STAGE2, **stage2})
-    text = params.read_text()
-    for rel in ("data/shards", "models/stage1", "data/embeddings.zarr", "data/train_images.h5"):
-        text = text.replace(str(tmp_path / rel), str(upstream / rel))
-    params.write_text(text)
-    return params
+def _params(tmp_path, upstream, paths=None, **stage2):
+    inputs = upstream_paths(upstream, "shards", "stage1", "embeddings", "image_store")
+    return write_params(
+        tmp_path, **UP, paths={**inputs, **(paths or {})}, stage2={**STAGE2, **stage2}
+    )
 
 
 def test_all_modes_write_adapters_metrics_plots_and_trace(tmp_path, upstream):
@@ -93,11 +91,7 @@ def test_image_store_in_another_order_is_refused(tmp_path, upstream):
             [str(src.keys[i]) for i in order],
         )
         w.mark_complete()
-    params = _params(tmp_path, upstream)
-    params.write_text(
-        params.read_text().replace(str(upstream / "data/train_images.h5"), str(other))
-    )
-    result = _invoke("stage2", params)
+    result = _invoke("stage2", _params(tmp_path, upstream, paths={"image_store": str(other)}))
     assert result.exit_code == 1 and "in a different order" in result.output
 
 
@@ -110,9 +104,7 @@ def test_embeddings_from_another_model_are_refused(tmp_path, upstream):
     from safetensors.torch import save_file
 
     save_file(state, str(weights))
-    params = _params(tmp_path, upstream)
-    params.write_text(params.read_text().replace(str(upstream / "models/stage1"), str(model)))
-    result = _invoke("stage2", params)
+    result = _invoke("stage2", _params(tmp_path, upstream, paths={"stage1": str(model)}))
     assert result.exit_code == 1 and "exported from another stage-I model" in result.output
 
 
