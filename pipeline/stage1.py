@@ -140,7 +140,7 @@ def _train(params: Params, world, device: torch.device) -> None:
         barrier(world)
 
     if world.is_main:
-        _write_outputs(params, bundle, manifest, history, eval_split, run_id)
+        _write_outputs(params, bundle, manifest, history, eval_split)
     barrier(world)
 
 
@@ -159,7 +159,7 @@ def _evaluate(bundle, manifest, split, params: Params, device, precision) -> dic
     return report
 
 
-def _write_outputs(params: Params, bundle, manifest, history, eval_split, run_id) -> None:
+def _write_outputs(params: Params, bundle, manifest, history, eval_split) -> None:
     paths = params.paths
     last = history[-1]
     metrics = {"split": eval_split, "epochs": len(history)}
@@ -175,7 +175,6 @@ def _write_outputs(params: Params, bundle, manifest, history, eval_split, run_id
                     "classes": list(manifest.classes),
                     "train_templates": list(params.prompts.train_templates),
                     "eval_templates": list(params.prompts.eval_templates),
-                    "run_fingerprint": run_id,
                     "metrics": metrics,
                 },
                 indent=2,
