@@ -1,8 +1,13 @@
 """Stage II of ECVL (Algorithm 2): a balanced residual adapter with momentum-driven augmentation.
 
 The image encoder and the class text features are frozen; only the residual adapter of eq. 7
-trains, on class-balanced draws (eq. 12). Three modes, the rows of the paper's Table 5:
+trains, on class-balanced draws (eq. 12). Three modes are the rows of the paper's Table 5, and
+one is the baseline a user tries first:
 
+``linear_probe``
+    A plain K-way linear classifier (`ecvl.models.linear_probe.LinearProbe`) on the cached
+    embeddings with cross-entropy; no class prompts, no adapter, one clean view per draw. Run
+    it with the ``instance`` sampler for the "long-tailed sampling" baseline.
 ``ballad``
     Adapter + balanced sampling + classification loss (eq. 4 on `v*`); one clean view per
     draw, read from the export's cache. The encoder is never called.
@@ -51,6 +56,7 @@ from ecvl.engine import cosine_with_warmup
 from ecvl.errors import DataError, TrainingError
 from ecvl.losses import image_to_text_loss, two_view_contrastive_loss
 from ecvl.models.adapter import ResidualAdapter
+from ecvl.models.linear_probe import LinearProbe
 from ecvl.momentum import MomentumTracker
 from ecvl.reencode import SelectiveEncoder, ViewRequest
 from ecvl.samplers import SAMPLERS, build_sampler
@@ -59,7 +65,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MODES", "STATE_FORMAT", "Stage2Config", "Stage2Trainer", "predict_cached"]
 
-MODES = ("ballad", "contrast_standard", "ecvl")
+MODES = ("linear_probe", "ballad", "contrast_standard", "ecvl")
 STATE_FORMAT = "ecvl-stage2-trainer"
 # Distinct SeedSequence streams per (seed, epoch, step): view plans and pixel randomness.
 _PLAN_STREAM, _PIXEL_STREAM = 1, 2
@@ -71,7 +77,8 @@ class Stage2Config:
 
     Attributes:
         epochs: number of epochs.
-        batch_size: draws per optimisation step (two views each outside ``ballad``).
+        batch_size: draws per optimisation step (two views each in ``contrast_standard``
+            and ``ecvl``).
         logit_scale: the stage-I model's fixed log inverse temperature
             (`1/tau = exp(logit_scale)`), a float.
         lr: AdamW learning rate (peak of the cosine schedule).
@@ -85,7 +92,8 @@ class Stage2Config:
         w_dcvl: weight of the contrastive loss.
         sampler: "balanced" (eq. 12) or "instance".
         draws_per_epoch: draws per epoch (default: N, the number of train samples).
-        mode: "ballad", "contrast_standard" or "ecvl" (see the module docstring).
+        mode: "linear_probe", "ballad", "contrast_standard" or "ecvl" (see the module
+            docstring).
         seed: seeds the sampler, the view plans, the pixel randomness and a built adapter.
     """
 
@@ -140,8 +148,8 @@ class Stage2Config:
 
     @property
     def two_views(self) -> bool:
-        """Whether each draw has two views and the contrastive loss (all but ``ballad``)."""
-        return self.mode != "ballad"
+        """Whether each draw has two views and the contrastive loss."""
+        return self.mode in ("contrast_standard", "ecvl")
 
 
 class Stage2Trainer:
@@ -149,7 +157,8 @@ class Stage2Trainer:
 
     Args:
         adapter: the adapter to train (e.g. a `ResidualAdapter`), or None to build
-            `ResidualAdapter(d, config.residual_ratio, seed=config.seed)`. Moved to `device`.
+            `ResidualAdapter(d, config.residual_ratio, seed=config.seed)` (a
+            `LinearProbe(d, K)` in mode ``linear_probe``). Moved to `device`.
         text_features: (K, d) class text embeddings `u_c` (normalised again here), frozen.
         train_labels: (N,) class of every train sample, aligned with the encoder's cache.
         encoder: the `SelectiveEncoder` serving cached rows and re-encoded views.
@@ -229,7 +238,9 @@ class Stage2Trainer:
                 raise DataError(f"unknown class group(s) {unknown}; known: {list(GROUPS)}")
             self.class_groups = groups
 
-        if adapter is None:
+        if adapter is None and config.mode == "linear_probe":
+            adapter = LinearProbe(encoder.dim, self.num_classes, seed=config.seed)
+        elif adapter is None:
             adapter = ResidualAdapter(encoder.dim, config.residual_ratio, seed=config.seed)
         ratio = getattr(adapter, "residual_ratio", None)
         if ratio is not None and float(ratio) != config.residual_ratio:
@@ -274,7 +285,7 @@ class Stage2Trainer:
         for step in range(self.steps_per_epoch):
             idx = order[step * bs : (step + 1) * bs]
             pixel_seed = (cfg.seed, epoch, step, _PIXEL_STREAM)
-            if cfg.mode == "ballad":
+            if not cfg.two_views:
                 yield ViewRequest(idx)
                 continue
             views = np.concatenate([idx, idx])  # rows [0, b): first views, [b, 2b): second
@@ -293,7 +304,7 @@ class Stage2Trainer:
         Returns:
             ``epoch``, ``mode``, ``steps``, ``draws``, ``lr`` (after the epoch);
             ``loss``, ``loss_cls``, ``loss_dcvl``: means over the epoch's draws (``loss_dcvl``
-            is 0.0 in ``ballad``); ``views``, ``clean_views``, ``reencoded_views``,
+            is 0.0 with one view); ``views``, ``clean_views``, ``reencoded_views``,
             ``reencoded_fraction``, ``encode_seconds``, ``pixel_wait_seconds`` (from the
             encoder's counters, this epoch only); ``drawn_samples`` (distinct samples drawn);
             after this epoch's EMA update: ``momentum_loss_mean`` (mean `Lm` over seen samples),
@@ -398,6 +409,9 @@ class Stage2Trainer:
         """Per-draw (total, classification, contrastive) losses, each (b,)."""
         cfg = self.config
         labels = self._labels[idx.to(self._labels.device)]
+        if cfg.mode == "linear_probe":
+            cls = F.cross_entropy(self.adapter(features.to(self.device)), labels, reduction="none")
+            return cls, cls, torch.zeros_like(cls)
         adapted = self.adapter(features.to(self.device))
         v = F.normalize(adapted, dim=-1)
         if not cfg.two_views:
@@ -496,8 +510,12 @@ def predict_cached(
 ) -> torch.Tensor:
     """Eq. 6 predictions on cached embeddings: `argmax_c v* . u_c` with `v* = f*/|f*|`.
 
+    A head with its own `scores(features, text_features)` (the linear probe) is ranked by
+    those instead.
+
     Args:
-        adapter: the trained adapter (returns `f*`); its train/eval mode is restored after.
+        adapter: the trained adapter (returns `f*`) or a head with `scores`; its train/eval
+            mode is restored after.
         features: (N, d) cached, un-normalised image embeddings (float16 is fine).
         text_features: (K, d) class text embeddings (normalised here).
         device: where to compute.
@@ -521,8 +539,12 @@ def predict_cached(
     out = []
     try:
         for a in range(0, feats.shape[0], batch_size):
-            v = F.normalize(adapter(feats[a : a + batch_size].to(device).float()), dim=-1)
-            out.append((v @ text.T).argmax(dim=1).cpu())
+            batch = feats[a : a + batch_size].to(device).float()
+            if hasattr(adapter, "scores"):
+                scores = adapter.scores(batch, text)
+            else:
+                scores = F.normalize(adapter(batch), dim=-1) @ text.T
+            out.append(scores.argmax(dim=1).cpu())
     finally:
         adapter.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)

@@ -10,11 +10,12 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 from ecvl.errors import EcvlError
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
 from pipeline.schema import ParamsError
 
 STAGES = ("shard", "stage1", "export", "stage2", "evaluate")
@@ -41,6 +42,11 @@ def run_stage(stage: str, params_path: str) -> None:
         params = load_params(params_path)
     except ParamsError as e:
         _fail(str(e), 2)
+    run_loaded_stage(stage, params)
+
+
+def run_loaded_stage(stage: str, params: Params) -> None:
+    """Run `pipeline.<stage>.run(params)`; errors exit with one line and the codes above."""
     module = importlib.import_module(f"pipeline.{stage}")
     try:
         module.run(params)
@@ -89,6 +95,50 @@ _SUMMARIES = {
 
 for _stage in STAGES:
     main.add_command(_stage_command(_stage, _SUMMARIES[_stage]))
+
+
+@main.command()
+@click.option(
+    "--params",
+    "params_path",
+    default="params.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Params file; each seed runs a copy with only base.seed and the paths changed.",
+)
+@click.option(
+    "--seeds",
+    default="0,1,2",
+    show_default=True,
+    help="Comma-separated seeds.",
+)
+@click.option(
+    "--out",
+    default="runs/seeds",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="One seed-<s>/ directory per seed, plus summary.md and summary.json.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def seeds(params_path: str, seeds: str, out: str, verbose: bool) -> None:
+    """The whole pipeline once per seed, then every row as mean ± std over the seeds."""
+    from pipeline import seeds as seeds_module
+
+    _setup_logging(verbose)
+    try:
+        parsed = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--seeds: expected comma-separated integers, got {seeds!r}", 2)
+    if not parsed or min(parsed) < 0 or len(set(parsed)) != len(parsed):
+        _fail(f"--seeds: give distinct non-negative integers, got {seeds!r}", 2)
+    try:
+        seeds_module.run(Path(params_path), parsed, Path(out), run_loaded_stage)
+    except ParamsError as e:
+        _fail(str(e), 2)
+    except EcvlError as e:
+        _fail(f"seeds: {e}", 1)
+    except KeyboardInterrupt:
+        _fail("seeds: interrupted; finished seeds and stage checkpoints are kept", 130)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 ROW_NAMES = {
     "zero_shot": "Zero-shot (before stage I)",
     "stage1": "Stage I (fine-tuned)",
+    "stage2_linear_probe": "Linear probe (cross-entropy, long-tailed sampling)",
     "stage2_ballad": "Stage II: adapter + balanced sampling (BALLAD-like)",
     "stage2_contrast_standard": "Stage II: + momentum contrast loss, standard views",
     "stage2_ecvl": "Stage II: full ECVL",

@@ -152,7 +152,7 @@ class ExportParams:
     precision: Precision = "auto"
 
 
-Stage2Mode = Literal["ballad", "contrast_standard", "ecvl"]
+Stage2Mode = Literal["linear_probe", "ballad", "contrast_standard", "ecvl"]
 
 
 @dataclass(frozen=True)
@@ -161,10 +161,12 @@ class Stage2Params:
 
     `modes` are the paper's Table 5 rows, each trained as its own adapter: `ballad` (adapter +
     balanced sampling + classification loss), `contrast_standard` (+ two-view contrastive loss,
-    views from a fixed standard augmentation), `ecvl` (the full method).
+    views from a fixed standard augmentation), `ecvl` (the full method); plus `linear_probe`,
+    the baseline a user tries first: a cross-entropy linear classifier on the cached features,
+    always with the long-tailed (instance) sampler whatever `sampler` says.
     """
 
-    modes: tuple[Stage2Mode, ...] = ("ballad", "contrast_standard", "ecvl")
+    modes: tuple[Stage2Mode, ...] = ("linear_probe", "ballad", "contrast_standard", "ecvl")
     epochs: int = field(default=30, metadata=bounds(ge=1))
     batch_size: int = field(default=128, metadata=bounds(ge=2))
     lr: float = field(default=1e-3, metadata=bounds(gt=0))
@@ -185,7 +187,7 @@ class Stage2Params:
     def check(self, where: str) -> None:
         if not self.modes:
             raise ParamsError(
-                f"{where}.modes: give at least one of ballad, contrast_standard, ecvl"
+                f"{where}.modes: give at least one of linear_probe, ballad, contrast_standard, ecvl"
             )
         if len(set(self.modes)) != len(self.modes):
             raise ParamsError(f"{where}.modes: listed twice: {list(self.modes)}")

@@ -159,7 +159,8 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         k=p.k,
         tau_dcvl=p.tau_dcvl,
         w_dcvl=p.w_dcvl,
-        sampler=p.sampler,
+        # The probe is the "what a user does first" baseline: plain long-tailed sampling.
+        sampler="instance" if mode == "linear_probe" else p.sampler,
         draws_per_epoch=p.draws_per_epoch,
         mode=mode,
         seed=params.base.seed,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecvl.errors import ModelError
+from ecvl.models.linear_probe import LinearProbe
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,11 @@ class ResidualAdapter(nn.Module):
         return adapter
 
 
-ADAPTERS: dict[str, type[nn.Module]] = {ResidualAdapter.name: ResidualAdapter}
+# Every stage-II head, by the `name` its `config()` records.
+ADAPTERS: dict[str, type[nn.Module]] = {
+    ResidualAdapter.name: ResidualAdapter,
+    LinearProbe.name: LinearProbe,
+}
 
 
 def build_adapter(
@@ -171,7 +176,7 @@ def build_adapter(
 
     Raises:
         KeyError: unknown adapter name (the message lists the known names).
-        ModelError: see `ResidualAdapter.from_config`.
+        ModelError: see `ResidualAdapter.from_config` and `LinearProbe.from_config`.
     """
     name = config.get("name", ResidualAdapter.name)
     try:

@@ -206,3 +206,19 @@ def test_config_rejects_bad_values():
     with pytest.raises(TypeError):
         Stage2Config(2, 8, 1.0)  # keyword-only
     assert dataclasses.asdict(config())["mode"] == "ecvl"
+
+
+def test_linear_probe_learns_from_the_cache_alone(world):
+    cached = world["cache"]
+    trainer, counting = make_trainer(
+        world, config(mode="linear_probe", sampler="instance", epochs=8, lr=5e-2)
+    )
+    losses = [trainer.train_epoch(progress=False)["loss"] for _ in range(8)]
+    assert counting.images_seen == 0  # one clean, cached view per draw
+    assert losses[-1] < 0.5 * losses[0]
+    assert losses[0] < math.log(K) + 0.05  # zero init: the first steps start at log K
+    pred = predict_cached(trainer.adapter, cached, world["text"], "cpu")
+    # the colour channel separates the classes: the probe fits the train set
+    assert (pred.numpy() == world["labels"]).mean() == 1.0
+    expected = trainer.adapter(torch.from_numpy(cached).float()).argmax(1)
+    assert torch.equal(pred, expected)  # ranked by its own logits, not by the text features

@@ -44,7 +44,7 @@ def test_all_modes_write_adapters_metrics_plots_and_trace(tmp_path, upstream):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics/stage2.json").read_text())
     assert metrics["split"] == "val"
-    modes = ("ballad", "contrast_standard", "ecvl")
+    modes = ("linear_probe", "ballad", "contrast_standard", "ecvl")
     for mode in modes:
         assert {"all_acc", "few_acc", "macro_f1", "reencoded_fraction"} <= set(metrics[mode])
         out = tmp_path / "models/stage2" / mode
@@ -55,6 +55,15 @@ def test_all_modes_write_adapters_metrics_plots_and_trace(tmp_path, upstream):
             assert f["Lm"].shape == f["M"].shape == (2, n)
             m = f["M"][1]
             assert np.all((m >= 0) & (m <= 1)) and abs(float(np.mean(m)) - 0.5) < 1e-6
+    probe = json.loads((tmp_path / "models/stage2/linear_probe/adapter.json").read_text())
+    assert probe["adapter"] == {
+        "name": "linear_probe",
+        "dim": probe["adapter"]["dim"],
+        "num_classes": 10,
+    }
+    state = torch.load(tmp_path / "checkpoints/stage2-linear_probe.pt", weights_only=True)
+    assert state["trainer"]["config"]["sampler"] == "instance"  # whatever stage2.sampler says
+    assert metrics["linear_probe"]["reencoded_fraction"] == 0.0
     assert metrics["ballad"]["reencoded_fraction"] == 0.0
     assert metrics["contrast_standard"]["reencoded_fraction"] == 1.0
     rows = (tmp_path / "plots/stage2.csv").read_text().strip().splitlines()
