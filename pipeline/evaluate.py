@@ -21,7 +21,7 @@ from ecvl.distributed import resolve_device
 from ecvl.engine import resolve_precision
 from ecvl.evaluation import evaluate_clip
 from ecvl.metrics import SUMMARY_KEYS as COLUMNS
-from ecvl.metrics import classification_report, confusion_matrix, per_class_accuracy
+from ecvl.metrics import classification_report, per_class_accuracy
 from ecvl.models.adapter import build_adapter
 from ecvl.models.clip import create_model
 from ecvl.stage2 import predict_cached
@@ -165,19 +165,15 @@ def _per_class_outputs(params: Params, manifest, predictions, truth) -> None:
         )
     write_csv(paths.plots / "per_class.csv", rows)
     _plot_per_class(paths.reports / "per_class.png", manifest, accs, split)
-    if params.evaluate.confusion and k <= 100:
-        best = list(predictions[split])[-1]
-        cm = confusion_matrix(truth[split], predictions[split][best], k)
-        write_csv(
-            paths.reports / f"confusion_{best}.csv",
-            [
-                {
-                    "true": manifest.classes[i],
-                    **{manifest.classes[j]: int(cm[i, j]) for j in range(k)},
-                }
-                for i in range(k)
-            ],
-        )
+    # One row per sample of the last row's predictions: DVC's confusion template counts them.
+    last = list(predictions[split])[-1]
+    write_csv(
+        paths.plots / "predictions.csv",
+        [
+            {"actual": manifest.classes[int(t)], "predicted": manifest.classes[int(p)]}
+            for t, p in zip(truth[split], predictions[split][last], strict=True)
+        ],
+    )
 
 
 def _plot_per_class(path, manifest, accs, split) -> None:

@@ -199,7 +199,6 @@ class EvaluateParams:
 
     splits: tuple[Literal["test", "val"], ...] = ("test", "val")
     zero_shot: bool = True
-    confusion: bool = True  # confusion matrix CSV of the last row, for <= 100 classes
     batch_size: int = field(default=4096, metadata=bounds(ge=1))
 
 
