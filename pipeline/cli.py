@@ -58,15 +58,19 @@ def run_loaded_stage(stage: str, params: Params) -> None:
         _fail(f"{stage}: interrupted; outputs were left as they were", 130)
 
 
-def _stage_command(stage: str, summary: str) -> Callable:
-    @click.option(
+def _params_option(help_text: str) -> Callable:
+    return click.option(
         "--params",
         "params_path",
         default="params.yaml",
         show_default=True,
         type=click.Path(dir_okay=False),
-        help="Params file (validated before any work starts).",
+        help=help_text,
     )
+
+
+def _stage_command(stage: str, summary: str) -> Callable:
+    @_params_option("Params file (validated before any work starts).")
     @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
     def command(params_path: str, verbose: bool) -> None:
         _setup_logging(verbose)
@@ -98,14 +102,7 @@ for _stage in STAGES:
 
 
 @main.command()
-@click.option(
-    "--params",
-    "params_path",
-    default="params.yaml",
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Params file; each seed runs a copy with only base.seed and the paths changed.",
-)
+@_params_option("Params file; each seed runs a copy with only base.seed and the paths changed.")
 @click.option(
     "--seeds",
     default="0,1,2",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecvl.errors import ModelError
+from ecvl.models.heads import build_checked
 from ecvl.models.linear_probe import LinearProbe
 
 log = logging.getLogger(__name__)
@@ -147,19 +148,7 @@ class ResidualAdapter(nn.Module):
             raise ModelError(f"unknown adapter config key(s) {unknown} (known: {sorted(known)})")
         if "dim" not in cfg:
             raise ModelError("adapter config has no 'dim'")
-        try:
-            adapter = cls(**cfg)
-        except (TypeError, ValueError) as e:
-            raise ModelError(f"invalid adapter config {dict(config)}: {e}") from None
-        if state_dict is not None:
-            try:
-                adapter.load_state_dict(state_dict)
-            except RuntimeError as e:
-                msg = str(e).splitlines()[0]
-                raise ModelError(
-                    f"adapter weights do not match config {dict(config)}: {msg}"
-                ) from None
-        return adapter
+        return build_checked(cls, cfg, config, state_dict, "adapter")
 
 
 # Every stage-II head, by the `name` its `config()` records.

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecvl.errors import ModelError
+from ecvl.models.heads import build_checked
 
 __all__ = ["LinearProbe"]
 
@@ -89,16 +90,4 @@ class LinearProbe(nn.Module):
             raise ModelError(
                 f"linear probe config needs exactly 'dim' and 'num_classes', got {sorted(cfg)}"
             )
-        try:
-            probe = cls(**cfg)
-        except (TypeError, ValueError) as e:
-            raise ModelError(f"invalid linear probe config {dict(config)}: {e}") from None
-        if state_dict is not None:
-            try:
-                probe.load_state_dict(state_dict)
-            except RuntimeError as e:
-                msg = str(e).splitlines()[0]
-                raise ModelError(
-                    f"linear probe weights do not match config {dict(config)}: {msg}"
-                ) from None
-        return probe
+        return build_checked(cls, cfg, config, state_dict, "linear probe")
