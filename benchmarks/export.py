@@ -18,6 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import pipeline  # noqa: F401  the stages' OpenMP policy, set before torch loads
+
+# isort: split
 import torch
 from common import digits_train_shards
 
@@ -122,6 +125,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "torch": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "runs": runs,
         "goal_ratio_tiny": 0.9,
         "meets_goal": runs[0]["median_ratio"] >= 0.9,

@@ -25,6 +25,9 @@ import time
 from itertools import islice
 from pathlib import Path
 
+import pipeline  # noqa: F401  the stages' OpenMP policy, set before torch loads
+
+# isort: split
 import torch
 from common import digits_train_shards
 
@@ -105,6 +108,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "torch": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "settings": settings,
         "stage_median_ratio": stage["median_ratio"],
         "best_pipeline_vs_default_bare": max(

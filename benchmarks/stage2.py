@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import pipeline  # noqa: F401  the stages' OpenMP policy, set before torch loads
+
+# isort: split
 import numpy as np
 import torch
 
@@ -134,6 +137,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "torch": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "selective_epoch_s": sel,
         "naive_epoch_s": naive,
         "no_augmentation_epoch_s": first,
