@@ -1,4 +1,5 @@
-"""What the benchmarks share: real data (the embedded digits) written as shards."""
+"""What the benchmarks share: real data (the embedded digits) written as shards, and the
+core-sharing bound that tells a missed ratio goal from a slow data path."""
 
 from __future__ import annotations
 
@@ -28,3 +29,11 @@ def digits_train_shards(root: Path, maxcount: int, n: int | None = None) -> Path
         },
     )
     return root
+
+
+def core_share_bound(bare: float, data_alone: float, cores: int) -> float:
+    """The best stage/bare ratio when the data path's CPU time (1/`data_alone` s per image,
+    measured on one core) comes out of the same `cores` that the bare arm keeps busy at `bare`
+    images/s, and the model's CPU time per image stays as in the bare arm:
+    (cores / (cores/bare + 1/data_alone)) / bare."""
+    return 1.0 / (1.0 + bare / (cores * data_alone))

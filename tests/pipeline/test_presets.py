@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,26 @@ def test_cifar100_lt_preset_builds_the_standard_long_tail(tmp_path):
     # balanced val from what the long tail left: class 0 kept all 500 of its pool images
     assert val[0] == 0 and set(val[1:]) == {20}
     assert "test" not in meta["splits"] or meta["splits"]["test"]["count"] == 0
+
+
+def _dotted(data: dict, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_copied_to_params_yaml_satisfies_dvc_yaml(preset):
+    """`cp <preset> params.yaml && dvc repro` is the documented use: every `${...}` that dvc.yaml
+    interpolates and every params key a stage lists must be in the preset itself."""
+    root = Path(pipeline.__file__).parent.parent
+    dvc_text = (root / "dvc.yaml").read_text()
+    data = yaml.safe_load(preset.read_text())
+    wanted = set(re.findall(r"\$\{([\w.]+)\}", dvc_text))
+    for stage in yaml.safe_load(dvc_text)["stages"].values():
+        wanted.update(stage.get("params", []))
+    assert wanted, "dvc.yaml names no params"
+    missing = sorted(k for k in wanted if not _dotted(data, k))
+    assert not missing, f"{preset.name} lacks {missing}"
