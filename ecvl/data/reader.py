@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _META_KEYS = ("__key__", "__url__", "__local_path__")
 _IMAGE_EXTS = frozenset(IMAGE_EXTENSIONS) | {"jpg"}
+_REPORTED: set[tuple[int, int, int]] = set()
 
 
 def worker_info() -> tuple[int, int, int, int]:
@@ -134,7 +135,8 @@ def check_shard_count(num_shards: int, world_size: int, num_workers: int) -> int
             "(write smaller shards: lower `shard.maxcount`)"
         )
     usable = max(1, min(num_workers, num_shards // world_size))
-    if usable < num_workers:
+    if usable < num_workers and (num_shards, world_size, num_workers) not in _REPORTED:
+        _REPORTED.add((num_shards, world_size, num_workers))  # once per process, not per epoch
         log.info(
             "using %d data worker(s) instead of %d: %d shard(s) per rank",
             usable,

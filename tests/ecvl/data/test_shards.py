@@ -1,5 +1,6 @@
 import hashlib
 import io
+import logging
 import os
 import pickle
 
@@ -211,3 +212,12 @@ def test_missing_manifest_and_missing_shard(tmp_path):
     (out / "train-000001.tar").unlink()
     with pytest.raises(DataError, match="listed shard is missing: .*train-000001.tar"):
         load_manifest(out)
+
+
+def test_check_shard_count_reports_a_reduced_worker_count_once(caplog):
+    caplog.set_level(logging.INFO, logger="ecvl.data.reader")
+    for _ in range(3):  # e.g. the val split read once per epoch
+        assert check_shard_count(3, 1, 7) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "using 3 data worker(s) instead of 7: 3 shard(s) per rank"
+    ]
