@@ -3,9 +3,12 @@ core-sharing bound that tells a missed ratio goal from a slow data path."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ecvl.data.shards import write_manifest, write_split_shards
 from ecvl.data.sources import DigitsSource
@@ -37,3 +40,17 @@ def core_share_bound(bare: float, data_alone: float, cores: int) -> float:
     images/s, and the model's CPU time per image stays as in the bare arm:
     (cores / (cores/bare + 1/data_alone)) / bare."""
     return 1.0 / (1.0 + bare / (cores * data_alone))
+
+
+def data_alone_images_per_s(batches: Iterable, images: int) -> float:
+    """Drain a data path's `batches` (`images` in all) in this process on one torch thread: the
+    data path's own speed on one core, with no model."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for _ in batches:
+            pass
+        return images / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)

@@ -26,7 +26,7 @@ import pipeline  # noqa: F401  the stages' OpenMP policy, set before torch loads
 
 # isort: split
 import torch
-from common import core_share_bound, digits_train_shards
+from common import core_share_bound, data_alone_images_per_s, digits_train_shards
 
 from ecvl.data.embeddings import EmbeddingWriter
 from ecvl.data.image_store import ImageStoreWriter
@@ -88,17 +88,9 @@ def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) 
             return n / (time.perf_counter() - start)
 
         def data_alone() -> float:
-            """The export's decode path with no encoder, in this process on one thread."""
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                start = time.perf_counter()
-                pipe = eval_pipeline(urls, bundle.eval_transform, batch_size, with_bytes=True)
-                for _ in make_loader(pipe, 0):
-                    pass
-                return n / (time.perf_counter() - start)
-            finally:
-                torch.set_num_threads(threads)
+            """The export's decode path with no encoder, on one core."""
+            pipe = eval_pipeline(urls, bundle.eval_transform, batch_size, with_bytes=True)
+            return data_alone_images_per_s(make_loader(pipe, 0), n)
 
         bare()  # warm-up
         b, s, d = [], [], []

@@ -31,7 +31,7 @@ import pipeline  # noqa: F401  the stages' OpenMP policy, set before torch loads
 
 # isort: split
 import torch
-from common import core_share_bound, digits_train_shards
+from common import core_share_bound, data_alone_images_per_s, digits_train_shards
 
 from ecvl.data.reader import check_shard_count, make_loader, take, train_pipeline
 from ecvl.data.shards import load_manifest
@@ -83,16 +83,9 @@ def main() -> None:
 
         def data_alone() -> float:
             """The same batches (read, decode, augment) with no training, on one core."""
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                start = time.perf_counter()
-                pipe = train_pipeline(urls, bundle.train_transform, args.batch_size, 0, 99, 1000)
-                for _ in take(make_loader(pipe, 0), args.steps):
-                    pass
-                return args.steps * args.batch_size / (time.perf_counter() - start)
-            finally:
-                torch.set_num_threads(threads)
+            pipe = train_pipeline(urls, bundle.train_transform, args.batch_size, 0, 99, 1000)
+            batches = take(make_loader(pipe, 0), args.steps)
+            return data_alone_images_per_s(batches, args.steps * args.batch_size)
 
         alone = [data_alone() for _ in range(args.pairs)]
         settings = {}
