@@ -22,9 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pipeline  # noqa: F401  the stages' OpenMP policy, set before torch loads
-
-# isort: split
 import torch
 from common import core_share_bound, data_alone_images_per_s, digits_train_shards
 

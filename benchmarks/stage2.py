@@ -22,9 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pipeline  # noqa: F401  the stages' OpenMP policy, set before torch loads
-
-# isort: split
 import numpy as np
 import torch
 

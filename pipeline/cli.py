@@ -16,6 +16,7 @@ import click
 
 from ecvl.errors import EcvlError
 from pipeline.params import Params, load_params
+from pipeline.runtime import set_openmp_wait_policy
 from pipeline.schema import ParamsError
 
 STAGES = ("shard", "stage1", "export", "stage2", "evaluate")
@@ -47,6 +48,7 @@ def run_stage(stage: str, params_path: str) -> None:
 
 def run_loaded_stage(stage: str, params: Params) -> None:
     """Run `pipeline.<stage>.run(params)`; errors exit with one line and the codes above."""
+    set_openmp_wait_policy(stage, params.base.num_workers)  # before the stage imports torch
     module = importlib.import_module(f"pipeline.{stage}")
     try:
         module.run(params)
@@ -119,9 +121,13 @@ for _stage in STAGES:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def seeds(params_path: str, seeds: str, out: str, verbose: bool) -> None:
     """The whole pipeline once per seed, then every row as mean ± std over the seeds."""
+    _setup_logging(verbose)
+    try:  # one process runs every stage: stage I, the costly one, sets the OpenMP policy
+        set_openmp_wait_policy("stage1", load_params(params_path).base.num_workers)
+    except ParamsError as e:
+        _fail(str(e), 2)
     from pipeline import seeds as seeds_module
 
-    _setup_logging(verbose)
     try:
         parsed = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:

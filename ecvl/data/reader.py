@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ecvl.data.batch_norm import split_normalize
 from ecvl.data.sources import IMAGE_EXTENSIONS
 from ecvl.errors import DataError
 
@@ -123,6 +124,21 @@ def _to_tuple(transform: Callable, with_bytes: bool = False) -> Callable:
     return stage
 
 
+def _transform_stages(transform: Callable, batch_size: int, partial: bool, with_bytes: bool):
+    """Per-image transform, batching, then the normalisation once per batch when `transform`
+    ends in ToTensor + Normalize (bit-identical; see `ecvl.data.batch_norm`)."""
+    per_image, per_batch = split_normalize(transform)
+    stages = [_to_tuple(per_image, with_bytes), wds.batched(batch_size, partial=partial)]
+    if per_batch is not None:
+
+        def normalize(src: Iterator[tuple]) -> Iterator[tuple]:
+            for images, *rest in src:
+                yield (per_batch(images), *rest)
+
+        stages.append(normalize)
+    return stages
+
+
 def check_shard_count(num_shards: int, world_size: int, num_workers: int) -> int:
     """Workers per rank that every get at least one shard; raises when ranks would starve.
 
@@ -158,8 +174,7 @@ def train_pipeline(
     return wds.DataPipeline(
         _train_samples(urls, seed, epoch, shuffle_buffer),
         wds.map(decode_sample),
-        _to_tuple(transform),
-        wds.batched(batch_size, partial=False),
+        *_transform_stages(transform, batch_size, partial=False, with_bytes=False),
     )
 
 
@@ -176,8 +191,7 @@ def eval_pipeline(
         wds.split_by_worker,
         wds.tarfile_to_samples(),
         wds.map(decode_sample),
-        _to_tuple(transform, with_bytes),
-        wds.batched(batch_size, partial=True),
+        *_transform_stages(transform, batch_size, partial=True, with_bytes=with_bytes),
     )
 
 

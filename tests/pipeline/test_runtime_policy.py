@@ -1,20 +1,48 @@
-"""The application sets OpenMP's wait policy before torch loads, and never over the user's."""
+"""The CLI sets OpenMP's wait policy for the streaming stages only, before torch loads, and
+never over the user's own value."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-PROBE = "import os, pipeline, torch; print(os.environ['OMP_WAIT_POLICY'])"
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs the CLI's stage wrapper with a stub stage that reports what the stage would see.
+PROBE = """
+import os, sys, types
+from pipeline import cli
+from pipeline.params import load_params
+params = load_params(sys.argv[2])
+if sys.argv[3] == "0":
+    params.base.__dict__["num_workers"] = 0
+stub = types.SimpleNamespace(run=lambda p: print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules))
+cli.importlib = types.SimpleNamespace(import_module=lambda name: stub)
+cli.run_loaded_stage(sys.argv[1], params)
+"""
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_omp_wait_policy(given, expected):
+def probe(stage: str, workers: int = 2, given: str | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if given is not None:
         env["OMP_WAIT_POLICY"] = given
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == expected
+    args = [sys.executable, "-c", PROBE, stage, str(ROOT / "params.yaml"), str(workers)]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("stage", "workers", "given", "expected"),
+    [
+        ("stage1", 2, None, "PASSIVE False"),  # set, and torch not yet loaded
+        ("export", 2, None, "PASSIVE False"),
+        ("stage1", 0, None, "None False"),  # no data workers to make room for
+        ("stage2", 2, None, "None False"),  # no worker processes: OpenMP's default is faster
+        ("evaluate", 2, None, "None False"),
+        ("stage1", 2, "ACTIVE", "ACTIVE False"),  # the user's value wins
+    ],
+)
+def test_openmp_wait_policy(stage, workers, given, expected):
+    assert probe(stage, workers, given) == expected
