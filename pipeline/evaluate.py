@@ -8,12 +8,10 @@ the dataset has one. Group membership comes from the shard manifest.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from ecvl.data.embeddings import open_embeddings
 from ecvl.data.shards import load_manifest
@@ -22,7 +20,7 @@ from ecvl.engine import resolve_precision
 from ecvl.evaluation import evaluate_clip
 from ecvl.metrics import SUMMARY_KEYS as COLUMNS
 from ecvl.metrics import classification_report, per_class_accuracy
-from ecvl.models.adapter import build_adapter
+from ecvl.models.adapter import load_adapter
 from ecvl.models.clip import create_model
 from ecvl.stage2 import predict_cached
 from pipeline.io import atomic_file, write_csv, write_json, write_text
@@ -61,7 +59,7 @@ def run(params: Params) -> None:
             torch.nn.Identity(), feats, text, device, p.batch_size
         ).numpy()
         for mode in params.stage2.modes:
-            adapter = _load_adapter(paths.stage2 / mode)
+            adapter = load_adapter(paths.stage2 / mode)
             predictions[split][f"stage2_{mode}"] = predict_cached(
                 adapter, feats, text, device, p.batch_size
             ).numpy()
@@ -115,11 +113,6 @@ def _zero_shot(params: Params, manifest, splits, device) -> dict[str, np.ndarray
         )[2]
         for split in splits
     }
-
-
-def _load_adapter(out_dir):
-    config = json.loads((out_dir / "adapter.json").read_text())["adapter"]
-    return build_adapter(config, load_file(str(out_dir / "adapter.safetensors")))
 
 
 def _markdown_table(split: str, rows: dict, manifest, params: Params) -> str:

@@ -27,6 +27,7 @@ from ecvl.engine import resolve_precision
 from ecvl.errors import DataError
 from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.metrics import classification_report
+from ecvl.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ecvl.models.clip import ClipBundle
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
@@ -253,9 +254,9 @@ def _write_mode(root, mode, trainer, trace, train, p) -> None:
         adapter = trainer.adapter
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()},
-            str(tmp / "adapter.safetensors"),
+            str(tmp / ADAPTER_WEIGHTS),
         )
-        (tmp / "adapter.json").write_text(
+        (tmp / ADAPTER_CONFIG).write_text(
             json.dumps({"adapter": adapter.config(), "mode": mode, "params": to_plain(p)}, indent=2)
             + "\n"
         )

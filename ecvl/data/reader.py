@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from itertools import count, islice
 
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from ecvl.data.batch_norm import split_normalize
@@ -40,6 +40,26 @@ def worker_info() -> tuple[int, int, int, int]:
     return wds.utils.pytorch_worker_info()
 
 
+def is_image_member(suffix: str) -> bool:
+    """Whether a sample member with this suffix (`png`, `JPG`, ...) is on the image allow-list."""
+    return suffix.lower() in _IMAGE_EXTS
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """An allow-listed image member's bytes as a PIL RGB image.
+
+    Raises:
+        DataError: the bytes are not a readable image; the message starts with `where`.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: cannot decode (not an image format PIL reads)") from None
+    except Exception as e:  # PIL raises assorted types
+        raise DataError(f"{where}: cannot decode ({e})") from None
+
+
 def decode_sample(sample: dict) -> dict:
     """Decode the allow-listed members of a raw webdataset sample; drop everything else.
 
@@ -53,17 +73,16 @@ def decode_sample(sample: dict) -> dict:
     """
     key, url = sample.get("__key__"), sample.get("__url__")
     where = f"sample {key!r} in {url}"
-    images = [k for k in sample if k not in _META_KEYS and k.lower() in _IMAGE_EXTS]
+    images = [k for k in sample if k not in _META_KEYS and is_image_member(k)]
     if len(images) != 1:
         raise DataError(f"{where}: expected one image member, found {sorted(images) or 'none'}")
     if "cls" not in sample:
         raise DataError(f"{where}: no .cls member")
+    image = decode_image(sample[images[0]], where)
     try:
-        with Image.open(io.BytesIO(sample[images[0]])) as im:
-            image = im.convert("RGB")
         label = int(sample["cls"].decode("ascii").strip())
         meta = json.loads(sample["json"]) if "json" in sample else None
-    except Exception as e:  # PIL, int() and json raise assorted types
+    except Exception as e:  # int() and json raise assorted types
         raise DataError(f"{where}: cannot decode ({e})") from None
     return {
         "key": key,
@@ -224,9 +243,11 @@ def iter_samples(urls: list[str]) -> Iterator[dict]:
 
 __all__ = [
     "check_shard_count",
+    "decode_image",
     "decode_sample",
     "rank_shards",
     "eval_pipeline",
+    "is_image_member",
     "iter_samples",
     "make_loader",
     "take",
