@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -18,7 +19,7 @@ from typing import TextIO
 import torch
 from tqdm import tqdm
 
-from ecvl.classifier import load_classifier
+from ecvl.classifier import Classifier, load_classifier
 from ecvl.engine import resolve_precision
 from ecvl.errors import DataError
 from ecvl.inference import ImageInput, collect_inputs, make_predict_loader, predict_topk
@@ -91,6 +92,38 @@ def run(
     if not items and not skipped:
         raise DataError(f"no images found in {', '.join(map(str, inputs))}")
     classifier = load_classifier(model, device)
+    return write_predictions(
+        classifier,
+        items,
+        out,
+        device=device,
+        skipped=skipped,
+        top_k=top_k,
+        batch_size=batch_size,
+        fmt=fmt,
+        workers=workers,
+        precision=precision,
+        progress=progress,
+    )
+
+
+def write_predictions(
+    classifier: Classifier,
+    items: list[ImageInput],
+    out: Path,
+    *,
+    device: torch.device,
+    skipped: Sequence[str] = (),
+    top_k: int = 5,
+    batch_size: int = 64,
+    fmt: str = "csv",
+    workers: int = 2,
+    precision: str = "auto",
+    progress: bool = True,
+) -> Summary:
+    """The loaded `classifier` on `items`, rows to `out`; `skipped` lists inputs already
+    found unreadable. Raises `DataError` when no image could be read."""
+    skipped = list(skipped)
     k = min(top_k, len(classifier.classes))
     precision = resolve_precision(precision, device)
     loader = make_predict_loader(
