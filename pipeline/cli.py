@@ -160,7 +160,13 @@ def seeds(params_path: str, seeds: str, out: str, verbose: bool) -> None:
     "--out", default="predictions.csv", show_default=True, help="Output file (written atomically)."
 )
 @click.option("--top-k", default=5, show_default=True, help="Classes per image (at most K).")
-@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
+@click.option(
+    "--batch-size",
+    default=None,
+    type=int,
+    help="Images per forward pass. Default: 256 on CUDA, 32 on CPU (measured fastest there: "
+    "larger CPU batches slow RN50 down).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option(
     "--format",
@@ -189,7 +195,7 @@ def predict(
     model_dir: str,
     out: str,
     top_k: int,
-    batch_size: int,
+    batch_size: int | None,
     device: str,
     fmt: str | None,
     workers: int | None,
@@ -203,7 +209,7 @@ def predict(
     (relative to the list file), or webdataset shard .tar files.
     """
     _setup_logging(verbose)
-    for name, value in (("--top-k", top_k), ("--batch-size", batch_size)):
+    for name, value in (("--top-k", top_k), ("--batch-size", batch_size or 1)):
         if value < 1:
             _fail(f"{name}: must be >= 1, got {value}", 2)
     if workers is None:
@@ -222,6 +228,8 @@ def predict(
         _fail(f"--device {device}: {e}", 2)
     if fmt is None:
         fmt = "jsonl" if out.lower().endswith(".jsonl") else "csv"
+    if batch_size is None:
+        batch_size = 256 if resolved.type == "cuda" else 32
     try:
         predict_module.run(
             Path(model_dir),

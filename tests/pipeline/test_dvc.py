@@ -67,7 +67,8 @@ def test_dvc_whole_pipeline_caching_and_metrics_diff(repo):
 
     first = _sh(repo, "dvc", "repro")
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
-    assert _ran(first.stdout) == ["shard", "stage1", "export", "stage2", "evaluate"]
+    assert _ran(first.stdout) == ["shard", "stage1", "export", "stage2", "evaluate", "package"]
+    assert (repo / "models/classifier/card.md").is_file()
     table = (repo / "reports/results.md").read_text()
     for row in ("Zero-shot", "Stage I (fine-tuned)", "BALLAD-like", "standard views", "full ECVL"):
         assert row in table
@@ -82,7 +83,14 @@ def test_dvc_whole_pipeline_caching_and_metrics_diff(repo):
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _sh(repo, "dvc", "repro")
     assert changed.returncode == 0, changed.stderr[-3000:]
-    assert _ran(changed.stdout) == ["stage2", "evaluate"]
+    assert _ran(changed.stdout) == ["stage2", "evaluate", "package"]
+
+    params["package"]["mode"] = "ballad"  # another head: only the package is rebuilt
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    shipped = _sh(repo, "dvc", "repro")
+    assert shipped.returncode == 0, shipped.stderr[-3000:]
+    assert _ran(shipped.stdout) == ["package"]
+    assert '"mode": "ballad"' in (repo / "models/classifier/classifier.json").read_text()
 
     diff = _sh(repo, "dvc", "metrics", "diff", "--all")
     assert diff.returncode == 0, diff.stderr

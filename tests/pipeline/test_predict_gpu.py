@@ -43,8 +43,8 @@ def test_predict_on_cuda_matches_cpu(tmp_path, monkeypatch):
     # little, so the top class must agree wherever the CPU's top two are not near-tied
     paths_auto, top1, probs = _predict(model, images, tmp_path / "auto.csv", "--device", "cuda")
     assert paths_auto == paths
-    torch.testing.assert_close(probs, cpu_probs, rtol=0, atol=0.03)
-    clear = (cpu_probs[:, 0] - cpu_probs[:, 1]) > 0.05
+    torch.testing.assert_close(probs, cpu_probs, rtol=0, atol=0.1)
+    clear = (cpu_probs[:, 0] - cpu_probs[:, 1]) > 0.2
     assert clear.sum() >= len(paths) // 2
     assert [t for t, c in zip(top1, clear, strict=True) if c] == [
         t for t, c in zip(cpu_top1, clear, strict=True) if c
