@@ -514,8 +514,8 @@ def predict_cached(
     those instead.
 
     Args:
-        adapter: the trained adapter (returns `f*`) or a head with `scores`; its train/eval
-            mode is restored after.
+        adapter: the trained adapter (returns `f*`) or a head with `scores`; moved to `device`
+            (heads are built on the CPU), its train/eval mode restored after.
         features: (N, d) cached, un-normalised image embeddings (float16 is fine).
         text_features: (K, d) class text embeddings (normalised here).
         device: where to compute.
@@ -534,6 +534,7 @@ def predict_cached(
         else np.asarray(text_features)
     )
     text = F.normalize(text.float().to(device), dim=-1)
+    adapter = adapter.to(device)
     was_training = adapter.training
     adapter.eval()
     out = []
@@ -544,7 +545,7 @@ def predict_cached(
                 scores = adapter.scores(batch, text)
             else:
                 scores = F.normalize(adapter(batch), dim=-1) @ text.T
-            out.append(scores.argmax(dim=1).cpu())
+            out.append(scores.argmax(dim=1))
     finally:
         adapter.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+    return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.int64)

@@ -110,7 +110,7 @@ def _zero_shot(params: Params, manifest, splits, device) -> dict[str, np.ndarray
             manifest.class_groups,
             device,
             precision,
-            params.evaluate.batch_size,
+            s1.eval_batch_size,  # images per batch; evaluate.batch_size counts cached rows
             params.base.num_workers,
         )[2]
         for split in splits

@@ -138,6 +138,7 @@ class Stage1Params:
     precision: Precision = "auto"
     shuffle_buffer: int = field(default=1000, metadata=bounds(ge=0))
     eval_batch_size: int = field(default=256, metadata=bounds(ge=1))
+    text_batch_size: int | None = field(default=None, metadata=bounds(ge=1))
 
     def check(self, where: str) -> None:
         if self.w_i2t + self.w_t2i == 0:

@@ -41,7 +41,7 @@ from pipeline.io import (
     write_json,
 )
 from pipeline.params import Params
-from pipeline.schema import to_plain
+from pipeline.schema import ParamsError, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ class _Inputs:
 def run(params: Params) -> None:
     p, paths = params.stage2, params.paths
     device = resolve_device(params.base.device)
-    precision = resolve_precision(p.precision, device)
     manifest = load_manifest(paths.shards)
     emb = open_embeddings(paths.embeddings)
+    precision = _encoder_precision(p.precision, emb.precision, device, paths.embeddings)
     store = ImageStore(paths.image_store)
     train = emb.split("train")
     digest = model_digest(paths.stage1)
@@ -119,6 +119,29 @@ def run(params: Params) -> None:
     log.info(
         "wrote %s, %s, %s", paths.stage2, paths.metrics / "stage2.json", paths.plots / "stage2.csv"
     )
+
+
+def _encoder_precision(asked: str, exported: str | None, device, store) -> str:
+    """The frozen encoder's precision: the export's, so that a clean view re-encoded equals its
+    cached row. `auto` follows the export; an explicit other value is refused."""
+    precision = resolve_precision(exported if asked == "auto" and exported else asked, device)
+    if exported is None or precision == exported:
+        return precision
+    if asked != "auto":
+        raise ParamsError(
+            f"stage2.precision: {asked} ({precision} on {device}), but {store} was exported in "
+            f"{exported} (export.precision); re-encoded views would not match the cached ones: "
+            "set both alike, or stage2.precision: auto"
+        )
+    log.warning(
+        "%s was exported in %s, which %s cannot run: re-encoding in %s, so re-encoded views "
+        "differ from the cache in the last bits",
+        store,
+        exported,
+        device,
+        precision,
+    )
+    return precision
 
 
 def _check_caches(params: Params, emb, train, store: ImageStore, manifest, digest: str) -> None:
