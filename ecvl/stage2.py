@@ -328,7 +328,9 @@ class Stage2Trainer:
         if cfg.mode == "ecvl" and self.momentum.has_scores:
             scores = self.momentum.scores().numpy()
         before = self.encoder.counters
-        sums = torch.zeros(3, dtype=torch.float64)  # total, cls, dcvl over draws
+        # total, cls, dcvl summed over the draws, on the device (MPS has no float64)
+        wide = torch.float32 if self.device.type == "mps" else torch.float64
+        sums = torch.zeros(3, dtype=wide, device=self.device)
         bs = cfg.batch_size
         stream = self.encoder.encode_stream(self._requests(epoch, order, scores))
         bar = tqdm(
@@ -342,25 +344,23 @@ class Stage2Trainer:
             for step, (features, _) in enumerate(stream, start=1):
                 idx = order[(step - 1) * bs : step * bs]
                 total, cls, dcvl = self._losses(features, torch.from_numpy(idx))
-                loss = total.mean()
-                if not torch.isfinite(loss):
+                # The one host sync of a step: the momentum EMA lives on the host.
+                per_draw = total.detach().cpu()
+                if not torch.isfinite(per_draw).all():
                     raise TrainingError(
-                        f"non-finite stage-II loss ({loss.item()}) at epoch {epoch}, step {step}; "
-                        "lower the learning rate"
+                        f"non-finite stage-II loss ({per_draw.mean().item()}) at epoch {epoch}, "
+                        f"step {step}; lower the learning rate"
                     )
+                loss = total.mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 self.scheduler.step()
-                total = total.detach()
-                self.momentum.update(idx, total)
-                sums += (
-                    torch.stack([total.sum(), cls.detach().sum(), dcvl.detach().sum()])
-                    .double()
-                    .cpu()
-                )
+                self.momentum.update(idx, per_draw)
+                sums += torch.stack([total.detach().sum(), cls.detach().sum(), dcvl.detach().sum()])
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if step % 25 == 0:
+                    bar.set_postfix(loss=f"{per_draw.mean().item():.3f}")
         drawn = self.momentum.end_epoch()
         self.epoch = epoch
         seconds = time.perf_counter() - start
@@ -368,7 +368,7 @@ class Stage2Trainer:
         delta = {k: after[k] - before[k] for k in after}
         n = len(order)
         views = int(delta["clean_views"] + delta["reencoded_views"])
-        mean = (sums / n).tolist()
+        mean = (sums.cpu() / n).tolist()
         stats: dict[str, Any] = {
             "epoch": epoch,
             "mode": cfg.mode,
