@@ -42,7 +42,7 @@ def test_stage1_writes_model_metrics_and_plots(tmp_path, shards):
     result = _invoke("stage1", _params(tmp_path, shards))
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics/stage1.json").read_text())
-    assert metrics["split"] == "val" and metrics["epochs"] == 2
+    assert metrics["stage1"]["split"] == "val" and metrics["stage1"]["epochs"] == 2
     assert {"all_acc", "many_acc", "medium_acc", "few_acc", "macro_f1"} <= set(metrics)
     rows = (tmp_path / "plots/stage1.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,loss,") and len(rows) == 3
