@@ -299,7 +299,7 @@ def load_params(path: Path | str) -> Params:
     try:
         params = build(Params, data, where="params")
     except ParamsError as e:
-        msg = str(e).removeprefix("params.")
+        msg = str(e).removeprefix("params.").removeprefix("params: ")
         raise ParamsError(f"{path}: {msg}") from None
     return _with_source_templates(params)
 

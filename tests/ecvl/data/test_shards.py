@@ -125,7 +125,10 @@ def test_corrupt_image_is_skipped_and_listed(tmp_path):
 
 def test_too_many_corrupt_images_fail(tmp_path):
     split = _corrupt_list_source(tmp_path, n_good=3, n_bad=2)
-    with pytest.raises(DataError, match=r"train: 2 of 5 images are unreadable .*first: \S+/bad0\.jpg: not a readable JPEG"):
+    with pytest.raises(
+        DataError,
+        match=r"train: 2 of 5 images are unreadable .*first: \S+/bad0\.jpg: not a readable JPEG",
+    ):
         write_split_shards(
             split, "train", ("x", "y"), tmp_path / "out", max_bad_fraction=0.2, progress=False
         )
