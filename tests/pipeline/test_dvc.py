@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _sh(cwd, *cmd):
     bindir = str(Path(sys.executable).parent)
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(cwd), "DVC_NO_ANALYTICS": "1"}
+    env["PYTHONPATH"] = str(cwd)  # `ecvl` runs the repo's copy of the code, not an install
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
 
 
