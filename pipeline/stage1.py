@@ -35,7 +35,7 @@ from pipeline.io import (
     fingerprint,
     load_checkpoint,
     save_checkpoint,
-    write_csv,
+    write_history,
     write_json,
 )
 from pipeline.params import Params
@@ -194,14 +194,17 @@ def _write_outputs(params: Params, bundle, manifest, history, eval_split) -> Non
                     "classes": list(manifest.classes),
                     "train_templates": list(params.prompts.train_templates),
                     "eval_templates": list(params.prompts.eval_templates),
+                    "params": {"seed": params.base.seed, "stage1": to_plain(params.stage1)},
                     "metrics": metrics,
                 },
                 indent=2,
             )
             + "\n"
         )
-    write_json(paths.metrics / "stage1.json", metrics)
-    write_csv(paths.plots / "stage1.csv", history)
+    write_json(paths.metrics / "stage1.json", {"stage1": metrics})  # `stage1.*` in exp show
+    write_history(
+        paths.plots / "stage1.csv", paths.logs / "stage1_timings.csv", history, ("epoch",)
+    )
     log.info(
         "wrote %s, %s, %s", paths.stage1, paths.metrics / "stage1.json", paths.plots / "stage1.csv"
     )

@@ -53,6 +53,7 @@ ARTIFACTS = {
     "metrics": "metrics",
     "plots": "plots",
     "reports": "reports",
+    "logs": "logs",
 }
 
 

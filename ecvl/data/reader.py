@@ -1,7 +1,8 @@
 """Read shards back safely: webdataset 1.x pipelines with an explicit decode allow-list.
 
-Only image members (PNG/JPEG/WebP/BMP through PIL), `.cls` (ASCII integer) and `.json` are
-ever decoded; every other member of a sample (`.pyd`, `.pickle`, `.pth`, ...) is dropped
+Only image members (PNG/JPEG/WebP/BMP through PIL, each opened only with the decoder its name
+promises, so `.png` bytes in another format are refused), `.cls` (ASCII integer) and `.json`
+are ever decoded; every other member of a sample (`.pyd`, `.pickle`, `.pth`, ...) is dropped
 unread, so a shard can never make us unpickle anything.
 
 Training pipelines are infinite: each rank cycles over its own shards (shard order reshuffled
@@ -13,7 +14,6 @@ pass over the data. Evaluation pipelines read every sample once, in shard order.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -22,10 +22,10 @@ from itertools import count, islice
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from ecvl.data.batch_norm import BatchNormalize, split_normalize
+from ecvl.data.shards import open_image
 from ecvl.data.sources import IMAGE_EXTENSIONS
 from ecvl.errors import DataError
 
@@ -59,8 +59,8 @@ def decode_sample(sample: dict) -> dict:
         raise DataError(f"{where}: expected one image member, found {sorted(images) or 'none'}")
     if "cls" not in sample:
         raise DataError(f"{where}: no .cls member")
-    try:
-        with Image.open(io.BytesIO(sample[images[0]])) as im:
+    try:  # decoded only as the format its member name says (by content, see `open_image`)
+        with open_image(sample[images[0]], images[0]) as im:
             image = im.convert("RGB")
         label = int(sample["cls"].decode("ascii").strip())
         meta = json.loads(sample["json"]) if "json" in sample else None

@@ -10,6 +10,7 @@ from ecvl.data.embeddings import open_embeddings
 from ecvl.data.image_store import ImageStore
 from ecvl.data.reader import iter_samples
 from ecvl.data.shards import load_manifest
+from ecvl.data.sources import DigitsSource
 from ecvl.models.clip import create_model
 from ecvl.text import class_text_features
 from pipeline.cli import main
@@ -66,9 +67,10 @@ def test_features_equal_direct_encoding(exported, upstream):
             data.features[:64].astype(np.float32), direct, rtol=2e-3, atol=2e-3
         )
     with torch.no_grad():
-        text = class_text_features(model, bundle.tokenizer, manifest.classes, ["a photo of a {}."])
+        templates = DigitsSource.prompt_templates  # `prompts.eval_templates: null`: the source's
+        text = class_text_features(model, bundle.tokenizer, manifest.classes, templates)
     np.testing.assert_allclose(emb.text_features(), text.numpy(), atol=1e-6)
-    assert emb.attrs["templates"] == ["a photo of a {}."]
+    assert emb.attrs["templates"] == list(templates)
     assert emb.model_name == "ecvl-tiny-vit" and len(emb.checkpoint_digest) == 64
 
 

@@ -42,7 +42,7 @@ def _params(tmp_path, upstream, paths=None, **stage2):
 def test_all_modes_write_adapters_metrics_plots_and_trace(tmp_path, upstream):
     result = _invoke("stage2", _params(tmp_path, upstream))
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "metrics/stage2.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/stage2.json").read_text())["stage2"]
     assert metrics["split"] == "val"
     modes = ("linear_probe", "ballad", "contrast_standard", "ecvl")
     for mode in modes:
