@@ -56,6 +56,7 @@ from ecvl.engine import cosine_with_warmup
 from ecvl.errors import DataError, TrainingError
 from ecvl.losses import image_to_text_loss, two_view_contrastive_loss
 from ecvl.models.adapter import ResidualAdapter
+from ecvl.models.heads import class_logits
 from ecvl.models.linear_probe import LinearProbe
 from ecvl.momentum import MomentumTracker
 from ecvl.reencode import SelectiveEncoder, ViewRequest
@@ -541,11 +542,7 @@ def predict_cached(
     try:
         for a in range(0, feats.shape[0], batch_size):
             batch = feats[a : a + batch_size].to(device).float()
-            if hasattr(adapter, "scores"):
-                scores = adapter.scores(batch, text)
-            else:
-                scores = F.normalize(adapter(batch), dim=-1) @ text.T
-            out.append(scores.argmax(dim=1))
+            out.append(class_logits(adapter, batch, text).argmax(dim=1))
     finally:
         adapter.train(was_training)
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.int64)

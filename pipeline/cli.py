@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ from pipeline.params import Params, load_params
 from pipeline.runtime import set_openmp_wait_policy
 from pipeline.schema import ParamsError
 
-STAGES = ("shard", "stage1", "export", "stage2", "evaluate")
+STAGES = ("shard", "stage1", "export", "stage2", "evaluate", "package")
 
 log = logging.getLogger("ecvl")
 
@@ -107,6 +109,7 @@ _SUMMARIES = {
     "export": "Cache embeddings (zarr) and train images (HDF5) for stage II (resumable).",
     "stage2": "Train the balanced adapter per mode, re-encoding only augmented views.",
     "evaluate": "Tables (Many/Medium/Few/All, macro F1), per-class plots, metrics JSON.",
+    "package": "Bundle the stage-I model and one stage-II head into a classifier for predict.",
 }
 
 for _stage in STAGES:
@@ -152,6 +155,100 @@ def seeds(params_path: str, seeds: str, out: str, verbose: bool) -> None:
         _fail(f"seeds: {one_line(e)}", 1)
     except KeyboardInterrupt:
         _fail("seeds: interrupted; finished seeds and stage checkpoints are kept", 130)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option(
+    "--model",
+    "model_dir",
+    default="models/classifier",
+    show_default=True,
+    help="A classifier directory written by `ecvl package`.",
+)
+@click.option(
+    "--out", default="predictions.csv", show_default=True, help="Output file (written atomically)."
+)
+@click.option("--top-k", default=5, show_default=True, help="Classes per image (at most K).")
+@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default=None,
+    help="Default: jsonl when --out ends in .jsonl, else csv.",
+)
+@click.option(
+    "--workers",
+    default=None,
+    type=int,
+    help="Processes decoding images while the model runs. Default: the CPU count, at most 4.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def predict(
+    inputs: tuple[str, ...],
+    model_dir: str,
+    out: str,
+    top_k: int,
+    batch_size: int,
+    device: str,
+    fmt: str | None,
+    workers: int | None,
+    precision: str,
+    progress: bool,
+    verbose: bool,
+) -> None:
+    """Classify images with a packaged classifier; top-k classes and probabilities per image.
+
+    INPUT: image files, folders (recursive), text files listing one image path per line
+    (relative to the list file), or webdataset shard .tar files.
+    """
+    _setup_logging(verbose)
+    for name, value in (("--top-k", top_k), ("--batch-size", batch_size)):
+        if value < 1:
+            _fail(f"{name}: must be >= 1, got {value}", 2)
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    elif workers < 0:
+        _fail(f"--workers: must be >= 0, got {workers}", 2)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        _fail(f"--device: must be auto, cpu, cuda, cuda:N or mps, got {device!r}", 2)
+    set_openmp_wait_policy("predict", workers)  # before torch loads
+    from ecvl.distributed import resolve_device
+    from pipeline import predict as predict_module
+
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError as e:
+        _fail(f"--device {device}: {e}", 2)
+    if fmt is None:
+        fmt = "jsonl" if out.lower().endswith(".jsonl") else "csv"
+    try:
+        predict_module.run(
+            Path(model_dir),
+            list(inputs),
+            Path(out),
+            device=resolved,
+            top_k=top_k,
+            batch_size=batch_size,
+            fmt=fmt,
+            workers=workers,
+            precision=precision,
+            progress=progress,
+        )
+    except EcvlError as e:
+        _fail(f"predict: {e}", 1)
+    except KeyboardInterrupt:
+        _fail(f"predict: interrupted; {out} was left as it was", 130)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import logging
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from ecvl.data.embeddings import open_embeddings
 from ecvl.data.shards import load_manifest
@@ -24,7 +23,7 @@ from ecvl.errors import DataError
 from ecvl.evaluation import evaluate_clip
 from ecvl.metrics import SUMMARY_KEYS as COLUMNS
 from ecvl.metrics import classification_report, per_class_accuracy
-from ecvl.models.adapter import build_adapter
+from ecvl.models.adapter import load_adapter
 from ecvl.models.clip import create_model
 from ecvl.stage2 import predict_cached
 from pipeline.io import atomic_file, write_csv, write_json, write_text
@@ -153,10 +152,7 @@ def _load_adapters(params: Params) -> dict:
                 f"{root} was trained with {name}={trained.get(key)!r}, the params say "
                 f"{value!r} (re-run `ecvl stage2`)"
             )
-    return {
-        mode: build_adapter(info["adapter"], load_file(str(root / mode / "adapter.safetensors")))
-        for mode, info in records.items()
-    }
+    return {mode: load_adapter(root / mode) for mode in records}
 
 
 def _params_record(params: Params) -> str:

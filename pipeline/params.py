@@ -72,6 +72,7 @@ class PathsParams:
     embeddings: Path = Path("data/embeddings.zarr")
     image_store: Path = Path("data/train_images.h5")
     stage2: Path = Path("models/stage2")
+    classifier: Path = Path("models/classifier")
     metrics: Path = Path("metrics")
     plots: Path = Path("plots")
     reports: Path = Path("reports")
@@ -251,6 +252,13 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class PackageParams:
+    """The classifier `ecvl predict` runs: the stage-I model with one trained stage-II head."""
+
+    mode: Stage2Mode = "ecvl"  # which of stage2.modes to ship
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params file."""
 
@@ -262,6 +270,15 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     stage2: Stage2Params = field(default_factory=Stage2Params)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    package: PackageParams = field(default_factory=PackageParams)
+
+    def check(self, where: str) -> None:
+        # Before any stage runs, not after stage II: a head that is never trained cannot ship.
+        if self.package.mode not in self.stage2.modes:
+            raise ParamsError(
+                f"{where}.package.mode: {self.package.mode!r} is not trained "
+                f"(stage2.modes: {', '.join(self.stage2.modes)}); ship one of those"
+            )
 
 
 def load_params(path: Path | str) -> Params:

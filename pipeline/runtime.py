@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Stages that stream shards through DataLoader worker processes.
-STREAMING_STAGES = frozenset({"stage1", "export"})
+# Commands that stream images through DataLoader worker processes.
+STREAMING_STAGES = frozenset({"stage1", "export", "predict"})
 
 
 def set_openmp_wait_policy(stage: str, num_workers: int) -> None:

@@ -29,6 +29,7 @@ from ecvl.engine import resolve_precision
 from ecvl.errors import DataError
 from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.metrics import classification_report
+from ecvl.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ecvl.models.clip import ClipBundle
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
@@ -288,8 +289,8 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
 def _write_mode(out, mode, state, config, trace, train, record) -> None:
     """One mode's adapter, its config with the run `record`, and its momentum trace."""
     out.mkdir()
-    save_file(state, str(out / "adapter.safetensors"))
-    (out / "adapter.json").write_text(
+    save_file(state, str(out / ADAPTER_WEIGHTS))
+    (out / ADAPTER_CONFIG).write_text(
         json.dumps({"adapter": config, "mode": mode, **record}, indent=2) + "\n"
     )
     with h5py.File(out / "momentum_trace.h5", "w") as f:

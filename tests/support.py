@@ -50,6 +50,7 @@ ARTIFACTS = {
     "embeddings": "data/embeddings.zarr",
     "image_store": "data/train_images.h5",
     "stage2": "models/stage2",
+    "classifier": "models/classifier",
     "metrics": "metrics",
     "plots": "plots",
     "reports": "reports",
@@ -141,3 +142,51 @@ def cached_world(directory: Path, pixels: np.ndarray, labels: np.ndarray) -> dic
         x = torch.stack([bundle.eval_transform(store.get_image(i)) for i in range(len(pixels))])
         cache = model.encode_image(x, normalize=False).numpy().astype(np.float16)
     return {"model": model, "transform": bundle.eval_transform, "store": store, "cache": cache}
+
+
+def tiny_classifier(directory: Path, num_classes: int = 4, seed: int = 0) -> Path:
+    """A packaged classifier built without the pipeline: a random-init tiny ViT, a random
+    residual adapter and random class text embeddings, written by `write_classifier`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ecvl.classifier import write_classifier
+    from ecvl.models.adapter import ResidualAdapter
+    from ecvl.models.clip import create_model, save_open_clip_dir
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        bundle = create_model("ecvl-tiny-vit")
+        text = torch.randn(num_classes, bundle.embed_dim)
+    save_open_clip_dir(bundle, None, directory / "stage1")
+    head = directory / "head"
+    head.mkdir(parents=True)
+    adapter = ResidualAdapter(bundle.embed_dim, 0.5, seed=seed)
+    save_file(dict(adapter.state_dict()), str(head / "adapter.safetensors"))
+    (head / "adapter.json").write_text(json.dumps({"adapter": adapter.config()}))
+    out = directory / "classifier"
+    out.mkdir()
+    write_classifier(
+        out,
+        backbone_dir=directory / "stage1",
+        head_dir=head,
+        text_features=text.numpy(),
+        classes=[f"class_{c}" for c in range(num_classes)],
+        feature_dtype="float16",
+        info={"mode": "ecvl", "model": "ecvl-tiny-vit"},
+        card="# test classifier\n",
+    )
+    return out
+
+
+def write_pngs(directory: Path, n: int, size: int = 24, seed: int = 0) -> list[Path]:
+    """`n` random RGB PNGs named 000.png, 001.png, ... in `directory`."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, pixels in enumerate(make_images(n, size, seed)):
+        paths.append(directory / f"{i:03d}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths

@@ -49,11 +49,13 @@ def test_dvc_stages_match_cli_modules_and_params_sections():
                 assert name == "shard", f"{name}: only `shard` reads the source data"
                 continue
             if dep.startswith("${paths."):  # an upstream artifact, named once in params.yaml
-                assert dep[len("${paths.") : -1] in PathsParams.__dataclass_fields__, dep
+                root = dep[len("${paths.") : dep.index("}")]
+                assert root in PathsParams.__dataclass_fields__, dep
                 assert dep in produced, f"{name}: {dep} is not an output of an earlier stage"
                 continue
             assert (ROOT / dep).exists(), f"{name}: dep {dep} does not exist"
-        produced |= {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
+        for kind in ("outs", "metrics", "plots"):  # a later stage may read any of them
+            produced |= {next(iter(o)) if isinstance(o, dict) else o for o in stage.get(kind, [])}
         for param in stage["params"]:
             assert param.split(".")[0] in sections
 

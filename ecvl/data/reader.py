@@ -22,6 +22,7 @@ from itertools import count, islice
 
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from ecvl.data.batch_norm import BatchNormalize, split_normalize
@@ -41,6 +42,26 @@ def worker_info() -> tuple[int, int, int, int]:
     return wds.utils.pytorch_worker_info()
 
 
+def is_image_member(suffix: str) -> bool:
+    """Whether a sample member with this suffix (`png`, `JPG`, ...) is on the image allow-list."""
+    return suffix.lower() in _IMAGE_EXTS
+
+
+def decode_image(data: bytes, where: str, ext: str) -> Image.Image:
+    """An allow-listed image member's bytes as a PIL RGB image, decoded only as the format its
+    extension `ext` names (by content, see `ecvl.data.shards.open_image`).
+
+    Raises:
+        DataError: the bytes are not a readable image of that format; the message starts with
+            `where`.
+    """
+    try:
+        with open_image(data, ext) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises assorted types
+        raise DataError(f"{where}: cannot decode ({e})") from None
+
+
 def decode_sample(sample: dict) -> dict:
     """Decode the allow-listed members of a raw webdataset sample; drop everything else.
 
@@ -54,17 +75,16 @@ def decode_sample(sample: dict) -> dict:
     """
     key, url = sample.get("__key__"), sample.get("__url__")
     where = f"sample {key!r} in {url}"
-    images = [k for k in sample if k not in _META_KEYS and k.lower() in _IMAGE_EXTS]
+    images = [k for k in sample if k not in _META_KEYS and is_image_member(k)]
     if len(images) != 1:
         raise DataError(f"{where}: expected one image member, found {sorted(images) or 'none'}")
     if "cls" not in sample:
         raise DataError(f"{where}: no .cls member")
-    try:  # decoded only as the format its member name says (by content, see `open_image`)
-        with open_image(sample[images[0]], images[0]) as im:
-            image = im.convert("RGB")
+    image = decode_image(sample[images[0]], where, images[0])
+    try:
         label = int(sample["cls"].decode("ascii").strip())
         meta = json.loads(sample["json"]) if "json" in sample else None
-    except Exception as e:  # PIL, int() and json raise assorted types
+    except Exception as e:  # int() and json raise assorted types
         raise DataError(f"{where}: cannot decode ({e})") from None
     return {
         "key": key,
@@ -269,9 +289,11 @@ def iter_samples(urls: list[str]) -> Iterator[dict]:
 
 __all__ = [
     "check_shard_count",
+    "decode_image",
     "decode_sample",
     "rank_shards",
     "eval_pipeline",
+    "is_image_member",
     "iter_samples",
     "make_loader",
     "take",

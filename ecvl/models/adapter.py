@@ -9,11 +9,15 @@ as stage I does.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +29,10 @@ from ecvl.models.linear_probe import LinearProbe
 log = logging.getLogger(__name__)
 
 INITS = ("uniform", "identity")
+# A trained head on disk (`ecvl stage2` writes them; `ecvl package` copies them unchanged):
+# `{"adapter": <config()>, ...}` and the state dict.
+ADAPTER_CONFIG = "adapter.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
 class ResidualAdapter(nn.Module):
@@ -175,4 +183,36 @@ def build_adapter(
     return cls.from_config(config, state_dict)
 
 
-__all__ = ["ADAPTERS", "INITS", "ResidualAdapter", "build_adapter"]
+def load_adapter(directory: str | os.PathLike[str]) -> nn.Module:
+    """The trained head saved in `directory` (`adapter.json` + `adapter.safetensors`), rebuilt by
+    `build_adapter`, in eval mode on the CPU. Safetensors hold tensors only: nothing unpickled.
+
+    Raises:
+        ModelError: a file is missing or unreadable, or config and weights disagree.
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ModelError(f"no trained head at {directory}: {path.name} is missing")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))["adapter"]
+        state_dict = safetensors.torch.load_file(str(weights_path))
+    except Exception as e:  # OSError, JSON, a missing key, safetensors' own error type
+        raise ModelError(f"cannot read the head in {directory}: {e}") from None
+    try:
+        head = build_adapter(config, state_dict)
+    except KeyError as e:
+        raise ModelError(f"{config_path}: {e.args[0]}") from None
+    return head.eval()
+
+
+__all__ = [
+    "ADAPTERS",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "INITS",
+    "ResidualAdapter",
+    "build_adapter",
+    "load_adapter",
+]

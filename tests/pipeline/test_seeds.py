@@ -52,6 +52,7 @@ def test_two_seeds_run_resume_and_summarise(tmp_path):
         export={"batch_size": 64},
         stage2={"epochs": 1, "batch_size": 32, "modes": ["linear_probe", "ballad"]},
         evaluate={"zero_shot": False},
+        package={"mode": "ballad"},
     )
     out = tmp_path / "runs"
     result = _invoke("--params", str(params), "--seeds", "0,1", "--out", str(out))

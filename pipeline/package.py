@@ -1,0 +1,152 @@
+"""Stage `package`: the trained classifier in one directory, for `ecvl predict` and
+`ecvl.load_classifier`.
+
+Copies the stage-I model (open_clip `local-dir` format), the stage-II head of `package.mode`,
+the class text embeddings and the preprocess config into `paths.classifier` (layout:
+`ecvl.classifier`), with a model card: the data, the Many/Medium/Few membership and train
+count of every class, and that head's rows of `metrics/eval.json`. Written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from ecvl.classifier import write_classifier
+from ecvl.data.embeddings import open_embeddings
+from ecvl.data.shards import Manifest, load_manifest
+from ecvl.errors import DataError, ModelError
+from ecvl.metrics import SUMMARY_KEYS
+from ecvl.models.adapter import ADAPTER_CONFIG
+from pipeline.artifacts import model_digest
+from pipeline.evaluate import ROW_NAMES
+from pipeline.io import atomic_dir
+from pipeline.params import Params
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = {
+    "many_acc": "Many",
+    "medium_acc": "Medium",
+    "few_acc": "Few",
+    "all_acc": "All",
+    "macro_f1": "Macro F1",
+}
+
+
+def run(params: Params) -> None:
+    paths, mode = params.paths, params.package.mode
+    manifest = load_manifest(paths.shards)
+    emb = open_embeddings(paths.embeddings)
+    info_path = paths.stage1 / "ecvl.json"
+    if not info_path.is_file():
+        raise ModelError(f"stage-I model not found: {info_path} (run `ecvl stage1` first)")
+    stage1 = json.loads(info_path.read_text())
+    if emb.checkpoint_digest != model_digest(paths.stage1):
+        raise DataError(
+            f"{paths.embeddings} was exported from another stage-I model than {paths.stage1} "
+            "(re-run `ecvl export`)"
+        )
+    if list(emb.classes) != list(manifest.classes):
+        raise DataError(f"{paths.embeddings} and {paths.shards} have different classes")
+    head_dir = paths.stage2 / mode
+    if not (head_dir / ADAPTER_CONFIG).is_file():
+        raise ModelError(f"no trained {mode!r} head in {head_dir} (run `ecvl stage2`)")
+    metrics = _metrics(paths.metrics / "eval.json", mode)
+
+    feature_dtype = np.dtype(emb.split("train", lazy=True).features.dtype).name
+    info = {
+        "mode": mode,
+        "model": stage1["model"],
+        "pretrained": stage1.get("pretrained"),
+        "templates": list(emb.templates),
+        "checkpoint_digest": emb.checkpoint_digest,
+        "metrics": metrics,
+    }
+    with atomic_dir(paths.classifier) as tmp:
+        write_classifier(
+            tmp,
+            backbone_dir=paths.stage1,
+            head_dir=head_dir,
+            text_features=emb.text_features(),
+            classes=manifest.classes,
+            feature_dtype=feature_dtype,
+            info=info,
+            card=_card(mode, stage1, emb.templates, manifest, metrics),
+        )
+    log.info(
+        "wrote %s (%s + head %r, %d classes)",
+        paths.classifier,
+        stage1["model"],
+        mode,
+        manifest.num_classes,
+    )
+
+
+def _metrics(path, mode: str) -> dict[str, dict]:
+    """The shipped head's row of every evaluated split."""
+    if not path.is_file():
+        raise DataError(f"{path} not found (run `ecvl evaluate` first)")
+    data = json.loads(path.read_text())
+    row = f"stage2_{mode}"
+    out = {split: rows[row] for split, rows in data.items() if row in rows}
+    if not out:
+        raise DataError(f"{path} has no {row!r} row (re-run `ecvl evaluate`)")
+    return out
+
+
+def _percent(value) -> str:
+    return "–" if value is None or np.isnan(value) else f"{100 * value:.1f}"
+
+
+def _card(mode: str, stage1: dict, templates, manifest: Manifest, metrics: dict) -> str:
+    data = manifest.data
+    counts, groups, classes = manifest.train_counts, manifest.class_groups, manifest.classes
+    source = data.get("source", {})
+    thresholds = data.get("group_thresholds", {})
+    sizes = ", ".join(f"{s} {manifest.count(s)}" for s in manifest.splits)
+    lines = [
+        f"# Classifier: `{stage1['model']}` + stage-II head `{mode}`",
+        "",
+        "Written by `ecvl package`. Use it with `ecvl predict --model <this dir> IMAGES... "
+        "--out predictions.csv`, or in Python with `ecvl.load_classifier(<this dir>)`.",
+        "",
+        "## Model",
+        "",
+        f"- Backbone: open_clip `{stage1['model']}`, fine-tuned by stage I from "
+        + (f"`{start}`" if (start := stage1.get("pretrained")) else "random init")
+        + "; `backbone/` is open_clip's `local-dir` format.",
+        f"- Head: {ROW_NAMES.get(f'stage2_{mode}', mode)} (`adapter.json`).",
+        "- Prediction: the class whose text embedding is closest (cosine) to the adapted image "
+        "embedding (eq. 6); probabilities are the softmax of the cosines times the model's "
+        "logit scale.",
+        f"- Class prompts (averaged): {', '.join(f'`{t}`' for t in templates)}.",
+        "",
+        "## Data",
+        "",
+        f"- Source: `{source.get('name')}` "
+        f"({', '.join(f'{k}: {v}' for k, v in source.items() if k != 'name') or 'defaults'}).",
+        f"- {len(classes)} classes; images per split: {sizes}; train imbalance ratio "
+        f"{data.get('imbalance_ratio', float('nan')):.1f}.",
+        f"- Groups by train images: Many > {thresholds.get('many_above')}, "
+        f"Few < {thresholds.get('few_below')}, Medium in between: "
+        + ", ".join(f"{g.capitalize()} {groups.count(g)}" for g in ("many", "medium", "few"))
+        + ".",
+        "",
+        "| class | group | train images |",
+        "| --- | --- | ---: |",
+        *(f"| {c} | {g} | {n} |" for c, g, n in zip(classes, groups, counts, strict=True)),
+        "",
+        f"## Evaluation (`metrics/eval.json`, row `stage2_{mode}`, percent)",
+        "",
+        "| split | " + " | ".join(_COLUMNS[k] for k in SUMMARY_KEYS) + " |",
+        "| --- |" + " ---: |" * len(SUMMARY_KEYS),
+        *(
+            f"| {split} | " + " | ".join(_percent(row.get(k)) for k in SUMMARY_KEYS) + " |"
+            for split, row in metrics.items()
+        ),
+        "",
+    ]
+    return "\n".join(lines)
