@@ -1,7 +1,7 @@
 """Process-group set-up for torchrun, read from the environment once and returned.
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python`/`ecvl` run has none of them
-and is rank 0 of 1. NCCL on GPUs, gloo on CPUs.
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain `python`/`ecvl` run
+has none of them and is rank 0 of 1. NCCL on GPUs, gloo on CPUs.
 """
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ecvl.errors import DeviceError
+
 
 @dataclass(frozen=True)
 class WorldInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -31,23 +34,83 @@ class WorldInfo:
 def world_info() -> WorldInfo:
     """Rank, world size and local rank as torchrun set them (defaults: a single process)."""
     env = os.environ
+    world_size = int(env.get("WORLD_SIZE", 1))
     return WorldInfo(
         rank=int(env.get("RANK", 0)),
-        world_size=int(env.get("WORLD_SIZE", 1)),
+        world_size=world_size,
         local_rank=int(env.get("LOCAL_RANK", 0)),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", world_size)),
     )
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """`auto` → this rank's GPU when CUDA is available, else CPU; other specs as given."""
+def choose_device(spec: str, world: WorldInfo, cuda_count: int, mps: bool = False) -> str:
+    """The device string this process uses for `spec` (auto | cpu | cuda | cuda:N | mps).
+
+    Pure (the visible device count is an argument), so rank placement is testable anywhere:
+    - `auto` is `cuda` when a GPU is visible, else `mps` when available, else `cpu`;
+    - `cuda` takes GPU `LOCAL_RANK`, or GPU 0 when each process sees exactly one GPU (a
+      launcher that sets CUDA_VISIBLE_DEVICES per rank);
+    - `cuda:N` pins one GPU, which only makes sense for a single process.
+
+    Raises:
+        DeviceError: the spec cannot be satisfied here (names the spec and what is visible).
+    """
     if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        spec = f"cuda:{local_rank}"
-    device = torch.device(spec)
+        spec = "cuda" if cuda_count > 0 else "mps" if mps else "cpu"
+    if spec == "cpu":
+        return "cpu"
+    if spec == "mps":
+        if not mps:
+            raise DeviceError("device 'mps' asked for, but this machine has no MPS backend")
+        if world.distributed:
+            raise DeviceError("device 'mps' cannot run under torchrun (one MPS device)")
+        return "mps"
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if cuda_count == 0:
+            raise DeviceError(f"device {spec!r} asked for, but no CUDA device is visible")
+        if spec == "cuda":
+            if cuda_count == 1 and world.local_rank > 0 and world.local_world_size > 1:
+                return "cuda:0"  # one visible GPU per process
+            if world.local_rank >= cuda_count:
+                raise DeviceError(
+                    f"LOCAL_RANK {world.local_rank} needs GPU {world.local_rank}, but only "
+                    f"{cuda_count} CUDA device(s) are visible (fewer processes per node, or "
+                    "more GPUs)"
+                )
+            return f"cuda:{world.local_rank}"
+        try:
+            index = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise DeviceError(f"device {spec!r}: expected cuda:N with an integer N") from None
+        if world.distributed:
+            raise DeviceError(
+                f"device {spec!r} pins one GPU for every rank under torchrun; use 'cuda' or "
+                "'auto' (each rank takes GPU LOCAL_RANK)"
+            )
+        if not 0 <= index < cuda_count:
+            raise DeviceError(
+                f"device {spec!r} asked for, but only {cuda_count} CUDA device(s) are visible "
+                f"(cuda:0..cuda:{cuda_count - 1})"
+            )
+        return spec
+    raise DeviceError(f"unknown device {spec!r}; expected auto, cpu, cuda, cuda:N or mps")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(spec: str, world: WorldInfo | None = None) -> torch.device:
+    """This process's device for `spec` (see `choose_device`); makes it current on CUDA.
+
+    Raises:
+        DeviceError: the spec cannot be satisfied on this machine.
+    """
+    world = world or world_info()
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device(choose_device(spec, world, count, _mps_available()))
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {spec!r} asked for, but CUDA is not available")
         torch.cuda.set_device(device)
     return device
 
@@ -56,12 +119,24 @@ def init_distributed(world: WorldInfo, device: torch.device) -> None:
     """Join the process group when there is more than one process (idempotent)."""
     if world.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=world.rank, world_size=world.world_size)
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(
+            backend=backend, rank=world.rank, world_size=world.world_size, **kwargs
+        )
 
 
 def barrier(world: WorldInfo) -> None:
     if world.distributed and dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_objects(world: WorldInfo, obj):
+    """Every rank's `obj`, in rank order (a one-element list without a process group)."""
+    if not (world.distributed and dist.is_initialized()):
+        return [obj]
+    out = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def shutdown(world: WorldInfo) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ecvl.errors import TrainingError
@@ -30,16 +31,24 @@ log = logging.getLogger(__name__)
 # Precision
 
 
+def precision_for(device_type: str, capability: tuple[int, int] | None = None) -> str:
+    """What `auto` means: bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0,
+    Ampere and newer), fp16 with a grad scaler on older GPUs (V100, T4, P100, where
+    `torch.cuda.is_bf16_supported()` also counts slow emulation), fp32 elsewhere."""
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16" if capability is not None and tuple(capability) >= (8, 0) else "fp16"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` → bf16 on CUDA devices that support it, else fp16 on CUDA, fp32 on CPU."""
+    """`auto` → `precision_for(device)`; bf16/fp16 off CUDA fall back to fp32 (logged)."""
     if precision != "auto":
         if precision in ("bf16", "fp16") and device.type != "cuda":
             log.info("precision %s needs CUDA; using fp32 on %s", precision, device)
             return "fp32"
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return precision_for(device.type, capability)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -68,6 +77,7 @@ class Stage1Config:
     w_t2i: float = 1.0
     logit_scale_max: float = 100.0
     precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
+    text_batch_size: int | None = None  # prompts per checkpointed text-tower call; None = all
 
     @property
     def total_steps(self) -> int:
@@ -110,18 +120,62 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class _ClipForward(nn.Module):
-    """Routes both towers through one `forward`, so DDP sees (and syncs) every gradient."""
+    """Routes both towers through one `forward`, so DDP sees (and syncs) every gradient.
 
-    def __init__(self, model: nn.Module):
+    With `text_batch_size`, the K×T class prompts go through the text tower in chunks under
+    activation checkpointing: the eq. 4 loss needs every class at every step, and keeping the
+    text activations of all prompts (K = 1,000 for ImageNet-LT) would take 15-20 GB.
+    """
+
+    def __init__(self, model: nn.Module, text_batch_size: int | None = None):
         super().__init__()
         self.model = model
+        self.text_batch_size = text_batch_size
+
+    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        chunk = self.text_batch_size
+        if chunk is None or tokens.shape[0] <= chunk or not torch.is_grad_enabled():
+            return self.model.encode_text(tokens, normalize=True)
+        parts = [
+            checkpoint(self.model.encode_text, part, True, use_reentrant=False)
+            for part in tokens.split(chunk)
+        ]
+        return torch.cat(parts)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple:
         k, t, length = tokens.shape
         image_features = self.model.encode_image(images, normalize=True)
-        text = self.model.encode_text(tokens.reshape(k * t, length), normalize=True)
+        text = self._encode_text(tokens.reshape(k * t, length))
         text_features = F.normalize(text.reshape(k, t, -1).mean(dim=1), dim=-1)
         return image_features, text_features, self.model.logit_scale
+
+
+def _image_size(model: nn.Module) -> tuple[int, int]:
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def freeze_unused(forward: _ClipForward, tokens: torch.Tensor, device: torch.device) -> list[str]:
+    """Freeze parameters the stage-I loss never reaches (SigLIP's `logit_bias`, CoCa's text
+    decoder, ...) and return their names.
+
+    DDP expects a gradient for every trainable parameter and stops at step 2 with "Expected to
+    have finished reduction" otherwise. One forward/backward in eval mode on two blank images
+    and one class finds them (no running statistics change, no random number is drawn).
+    """
+    model = forward.model
+    was_training = model.training
+    model.eval()
+    images = torch.zeros(2, 3, *_image_size(model), device=device)
+    img, text, scale = forward(images, tokens[:1])
+    (img.float().sum() + text.float().sum() + scale.float().sum()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    for name, p in model.named_parameters():
+        if name in unused:
+            p.requires_grad_(False)
+    return unused
 
 
 class Stage1Trainer:
@@ -136,6 +190,10 @@ class Stage1Trainer:
         ddp: wrap in DistributedDataParallel (torchrun); the process group must exist.
     """
 
+    # Steps between host synchronisations (loss check, progress bar): on a GPU every `.item()`
+    # stalls the queue of kernels.
+    sync_every = 25
+
     def __init__(
         self,
         model: nn.Module,
@@ -148,7 +206,11 @@ class Stage1Trainer:
         self.config = config
         self.device = device
         self.tokens = tokens.to(device)
-        self.forward: nn.Module = _ClipForward(model)
+        forward = _ClipForward(model, config.text_batch_size)
+        self.frozen = freeze_unused(forward, self.tokens, device)
+        if self.frozen:
+            log.info("not trained (the stage-I loss does not use them): %s", ", ".join(self.frozen))
+        self.forward: nn.Module = forward
         if ddp:
             ids = [device.index] if device.type == "cuda" else None
             self.forward = nn.parallel.DistributedDataParallel(self.forward, device_ids=ids)
@@ -168,13 +230,14 @@ class Stage1Trainer:
         """One epoch over `batches` of (images, labels, keys); returns its statistics.
 
         Raises:
-            TrainingError: a non-finite loss (names the epoch and step); the model's state is
-                then unusable and must not be checkpointed.
+            TrainingError: a non-finite loss (names the epoch and the step); the model's state
+                is then unusable and must not be checkpointed. The loss is checked every
+                `sync_every` steps and at the end of the epoch, not after every step.
         """
         cfg = self.config
         self.model.train()
         epoch = self.epoch + 1
-        totals = torch.zeros(3, dtype=torch.float64)
+        losses: list[torch.Tensor] = []  # (3,) per step, on the device: no sync per step
         images_seen, start, steps = 0, time.perf_counter(), 0
         bar = tqdm(
             batches,
@@ -192,11 +255,6 @@ class Stage1Trainer:
                 loss, parts = stage1_loss(
                     image_features, text_features, labels, logit_scale, cfg.w_i2t, cfg.w_t2i
                 )
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
-                    "lower the learning rate or use fp32"
-                )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.grad_clip is not None:
@@ -207,18 +265,21 @@ class Stage1Trainer:
             self.scheduler.step()
             with torch.no_grad():  # CLIP's clamp: 1/tau at most logit_scale_max
                 self.model.logit_scale.clamp_(0, math.log(cfg.logit_scale_max))
-            totals += torch.tensor(
-                [loss.item(), parts["i2t"].item(), parts["t2i"].item()], dtype=torch.float64
-            )
+            losses.append(torch.stack([loss.detach(), parts["i2t"], parts["t2i"]]).float())
             images_seen += images.shape[0]
             steps = step
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_seen / elapsed:.0f}")
+            if step % self.sync_every == 0:
+                self._check_finite(losses, epoch, step - self.sync_every)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(
+                    loss=f"{losses[-1][0].item():.3f}", img_s=f"{images_seen / elapsed:.0f}"
+                )
         if steps == 0:
             raise TrainingError(f"epoch {epoch}: the data loader yielded no batch")
+        self._check_finite(losses, epoch, steps - steps % self.sync_every)
         seconds = time.perf_counter() - start
         self.epoch = epoch
-        mean = (totals / steps).tolist()
+        mean = torch.stack(losses).double().mean(dim=0).tolist()
         return EpochStats(
             epoch=epoch,
             loss=mean[0],
@@ -230,33 +291,68 @@ class Stage1Trainer:
             logit_scale=float(self.model.logit_scale.exp().item()),
         )
 
+    @staticmethod
+    def _check_finite(losses: list[torch.Tensor], epoch: int, first: int) -> None:
+        """Raise on the first non-finite loss among the steps after `first` (1 host sync)."""
+        if first >= len(losses):
+            return
+        window = torch.stack(losses[first:])[:, 0]
+        bad = (~torch.isfinite(window)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise TrainingError(
+                f"non-finite loss ({window[i].item()}) at epoch {epoch}, step {first + i + 1}; "
+                "lower the learning rate or use fp32"
+            )
+
     def state_dict(self) -> dict:
-        """Everything a resumed run needs; loadable with `torch.load(weights_only=True)`."""
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        """Everything a resumed run needs; loadable with `torch.load(weights_only=True)`.
+
+        The RNG part is this process's own: the CPU generator and, on CUDA, the generator of
+        this process's GPU only (not of every visible GPU, which a resumed run with fewer
+        visible GPUs could not restore)."""
         return {
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng,
+            "rng": self.rng_state(),
         }
+
+    def rng_state(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without a scaler (fp32, bf16)
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch = int(state["epoch"])
 
 
 # --------------------------------------------------------------------------------------------
 # Evaluation and embedding passes
+
+
+def _encoded(
+    model: nn.Module, batches: Iterable, device: torch.device, precision: str, normalize: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    model.eval()
+    with torch.inference_mode():
+        for images, labels, keys in batches:
+            with autocast(device, precision):
+                feats = model.encode_image(
+                    images.to(device, non_blocking=True), normalize=normalize
+                )
+            yield feats.float(), labels, list(keys)
 
 
 def encode_loader(
@@ -267,14 +363,8 @@ def encode_loader(
     normalize: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """Image embeddings batch by batch: yields (features on CPU float32, labels, keys)."""
-    model.eval()
-    with torch.inference_mode():
-        for images, labels, keys in batches:
-            with autocast(device, precision):
-                feats = model.encode_image(
-                    images.to(device, non_blocking=True), normalize=normalize
-                )
-            yield feats.float().cpu(), labels, list(keys)
+    for feats, labels, keys in _encoded(model, batches, device, precision, normalize):
+        yield feats.cpu(), labels, keys
 
 
 def predict(
@@ -284,12 +374,14 @@ def predict(
     device: torch.device,
     precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 6 predictions: argmax_c of v · u_c. Returns (y_true, y_pred) on CPU."""
+    """Eq. 6 predictions: argmax_c of v · u_c. Returns (y_true, y_pred) on CPU.
+
+    Features stay on the device; predictions come back to the host once, at the end."""
     text = F.normalize(text_features.float().to(device), dim=-1)
     y_true, y_pred = [], []
-    for feats, labels, _ in encode_loader(model, batches, device, precision, normalize=True):
-        y_pred.append((feats.to(device) @ text.T).argmax(dim=1).cpu())
-        y_true.append(labels.cpu())
+    for feats, labels, _ in _encoded(model, batches, device, precision, normalize=True):
+        y_pred.append((feats @ text.T).argmax(dim=1))
+        y_true.append(labels)
     if not y_true:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    return torch.cat(y_true), torch.cat(y_pred)
+    return torch.cat(y_true).cpu(), torch.cat(y_pred).cpu()

@@ -20,3 +20,7 @@ class ModelError(EcvlError):
 
 class TrainingError(EcvlError):
     """Training cannot go on (non-finite loss, inconsistent resume state)."""
+
+
+class DeviceError(EcvlError):
+    """A device that this machine or this launch cannot provide (no CUDA, a missing GPU)."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
+from ecvl.distributed import WorldInfo, all_gather_objects
 from ecvl.engine import predict
 from ecvl.metrics import classification_report
 from ecvl.models.clip import ClipBundle
@@ -25,18 +26,28 @@ def evaluate_on_shards(
     precision: str = "fp32",
     batch_size: int = 256,
     num_workers: int = 0,
+    world: WorldInfo | None = None,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Many/Medium/Few/All accuracy and macro F1 of `model` on every sample of `urls`.
+
+    Under torchrun (`world` with several ranks, process group up) every rank predicts its own
+    shards and the predictions are gathered, so no rank idles at a barrier; every rank returns
+    the same report, with the samples grouped by rank.
 
     Returns:
         (report, y_true, y_pred) with numpy label arrays.
     """
-    workers = check_shard_count(len(urls), 1, num_workers) if urls else 0
-    loader = make_loader(
-        eval_pipeline(urls, transform, batch_size), workers, pin_memory=device.type == "cuda"
-    )
-    y_true, y_pred = predict(model, loader, text_features, device, precision)
-    y_true, y_pred = y_true.numpy(), y_pred.numpy()
+    world = world or WorldInfo()
+    mine = list(urls)[world.rank :: world.world_size]
+    y_true = y_pred = torch.zeros(0, dtype=torch.long)  # a rank with no shard of its own
+    if mine:
+        workers = check_shard_count(len(mine), 1, num_workers)
+        pipe = eval_pipeline(mine, transform, batch_size, device=device)
+        loader = make_loader(pipe, workers, device)
+        y_true, y_pred = predict(model, loader, text_features, device, precision)
+    parts = all_gather_objects(world, (y_true.numpy(), y_pred.numpy()))
+    y_true = np.concatenate([t for t, _ in parts])
+    y_pred = np.concatenate([p for _, p in parts])
     report = classification_report(y_true, y_pred, list(class_groups), len(class_groups))
     return report, y_true, y_pred
 
@@ -51,6 +62,7 @@ def evaluate_clip(
     precision: str = "fp32",
     batch_size: int = 256,
     num_workers: int = 0,
+    world: WorldInfo | None = None,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Zero-shot-style evaluation of a CLIP model: class prompts (templates averaged) as the
     classifier, eq. 6 prediction, the long-tail report."""
@@ -68,4 +80,5 @@ def evaluate_clip(
         precision,
         batch_size,
         num_workers,
+        world,
     )

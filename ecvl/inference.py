@@ -62,6 +62,11 @@ class ImageInput:
     key: str | None = None
     offset: int = -1
     size: int = 0
+    ext: str = ""  # the tar member's extension; a file's comes from its name
+
+    @property
+    def extension(self) -> str:
+        return self.ext or Path(self.path).suffix.lstrip(".")
 
     @property
     def where(self) -> str:
@@ -112,7 +117,8 @@ def _tar_members(path: Path) -> tuple[list[ImageInput], list[str]]:
     items, failed = [], []
     for key, images in samples:
         if len(images) == 1:
-            items.append(ImageInput(str(path), key, images[0].offset_data, images[0].size))
+            ext = base_plus_ext(images[0].name)[1]
+            items.append(ImageInput(str(path), key, images[0].offset_data, images[0].size, ext))
         else:
             found = sorted(base_plus_ext(i.name)[1] for i in images) or "none"
             failed.append(f"{path}:{key}: expected one image member, found {found}")
@@ -189,7 +195,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         item = self.items[index]
         try:
-            return index, self.transform(decode_image(item.read(), item.where)), None
+            return (
+                index,
+                self.transform(decode_image(item.read(), item.where, item.extension)),
+                None,
+            )
         except DataError as e:
             return index, None, str(e)
         except OSError as e:

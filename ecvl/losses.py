@@ -2,8 +2,9 @@
 
 Stage I: `image_to_text_loss` (eq. 4) + `text_to_image_loss` (eq. 5, multi-positive), combined
 by `stage1_loss`. Stage II: `image_to_text_loss` on adapted features + `two_view_contrastive_loss`
-(eq. 11). Losses are computed in float32 whatever the feature dtype, so that fp16/bf16 features
-under autocast do not lose the logits' precision.
+(eq. 11). Losses are computed in float32 whatever the feature dtype, with autocast switched off
+inside: under autocast a `.float()` input is cast back to bf16/fp16 by the next matmul, and
+logits at scale ~100 would then be quantised to steps of 0.5.
 
 `logit_scale` is CLIP's log-parametrised inverse temperature: `1/tau = exp(logit_scale)`; pass
 `model.logit_scale` (a parameter, so that it trains) or a plain float.
@@ -11,9 +12,11 @@ under autocast do not lose the logits' precision.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +24,21 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 Reduction = Literal["mean", "none"]
+_F = TypeVar("_F", bound=Callable[..., torch.Tensor])
 
 
+def _float32(fn: _F) -> _F:
+    """Run `fn` with autocast off on every device type, so its matmuls stay float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_float32
 def image_to_text_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -47,6 +63,7 @@ def image_to_text_loss(
     return F.cross_entropy(logits, labels, reduction=_check_reduction(reduction))
 
 
+@_float32
 def text_to_image_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -111,6 +128,7 @@ def stage1_loss(
     return total, {"i2t": i2t.detach(), "t2i": t2i.detach()}
 
 
+@_float32
 def two_view_contrastive_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,

@@ -14,9 +14,9 @@ the encoder's inputs and may change re-encoded features in the last bits (about 
 
 Parallelism: image decoding, augmentation and the eval transform ("pixel work") run in a
 thread pool of `num_workers` threads (PIL and torch release the GIL for the heavy parts);
-`encode_stream` keeps the pool working on the views of the next requests while the current
-request's batches are being encoded, so on a GPU the encoder rarely waits for pixels. With
-``num_workers=0`` the pixel work runs inline, just in time.
+`encode_stream` keeps the pool working on the views of the next requests while earlier views are
+encoded, and fills encoder batches across requests, so on a GPU the encoder runs full batches
+and rarely waits for pixels. With ``num_workers=0`` the pixel work runs inline, just in time.
 """
 
 from __future__ import annotations
@@ -125,8 +125,9 @@ class SelectiveEncoder:
         precision: fp32 | bf16 | fp16 | auto for the encoder (autocast; fp32 off CUDA).
         batch_size: images per encoder call.
         num_workers: threads for decoding/augmenting/transforming; 0 = inline.
-        prefetch: views of upcoming requests whose pixel work may run ahead of the encoder
-            in `encode_stream` (default ``2 * batch_size``); ignored when `num_workers` is 0.
+        prefetch: views of upcoming requests prepared ahead of the encoder in
+            `encode_stream` (default ``2 * batch_size``); with workers their pixel work runs
+            ahead too, inline it runs when the encoder needs it.
 
     Raises:
         DataError: the cache and the image store differ in length, or the cache is not 2-D.
@@ -239,21 +240,27 @@ class SelectiveEncoder:
     def encode_stream(self, requests: Iterable[ViewRequest]) -> Iterator[tuple[torch.Tensor, int]]:
         """`encode_views` for a sequence of requests, one result per request, in order.
 
-        With workers, the pixel work of upcoming requests (up to `prefetch` views beyond the
-        current one) runs while the current one is encoded, so pass the whole epoch's requests
-        as a lazy iterable when they do not depend on the results (ECVL's plans only depend on
-        the previous epoch's scores). Closing the iterator early cancels pending work.
+        Encoder batches span requests: views to re-encode collect across upcoming requests
+        until `batch_size` of them are ready, so the encoder runs full batches even when one
+        training step augments fewer views than that; a request is yielded once all of its
+        views are encoded. With workers, the pixel work of upcoming requests (up to
+        `prefetch` views ahead) runs while earlier views are encoded. Pass the whole epoch's
+        requests as a lazy iterable when they do not depend on the results (ECVL's plans only
+        depend on the previous epoch's scores). Closing the iterator early cancels pending
+        work. Batches are formed in request order, so results do not depend on `num_workers`.
         """
         source = iter(requests)
         pending: deque[tuple[_Prepared, list[Any]]] = deque()
         ahead = 0  # views with pixel work in `pending`
         exhausted = False
+        active: deque[list[Any]] = deque()  # [prepared, out, views still to encode]
+        images: list[torch.Tensor] = []
+        targets: list[tuple[list[Any], int]] = []  # (active entry, position) of each image
 
         def fill() -> None:
             nonlocal ahead, exhausted
             while not exhausted and (
-                not pending
-                or (self.num_workers and ahead < self.prefetch and len(pending) < _MAX_PENDING)
+                not pending or (ahead < self.prefetch and len(pending) < _MAX_PENDING)
             ):
                 request = next(source, None)
                 if request is None:
@@ -263,15 +270,38 @@ class SelectiveEncoder:
                 pending.append((prepared, self._submit(prepared)))
                 ahead += prepared.n_work
 
+        def encode(count: int) -> None:
+            self._encode_into(targets[:count], images[:count])
+            del targets[:count], images[:count]
+
         try:
             while True:
                 fill()
-                if not pending:
+                if pending:
+                    prepared, futures = pending.popleft()
+                    ahead -= prepared.n_work
+                    fill()  # keep the workers busy while this request's views are collected
+                    entry = [prepared, self._clean_rows(prepared), prepared.n_work]
+                    active.append(entry)
+                    for future in futures:
+                        start = time.perf_counter()
+                        done = future.result()
+                        self._counters["pixel_wait_seconds"] += time.perf_counter() - start
+                        for position, tensor in done:
+                            targets.append((entry, position))
+                            images.append(tensor)
+                        while len(images) >= self.batch_size:
+                            encode(self.batch_size)
+                elif active:
+                    while images:  # no request left to share a batch with
+                        encode(self.batch_size)
+                else:
                     return
-                prepared, futures = pending.popleft()
-                ahead -= prepared.n_work
-                fill()  # keep the workers busy while this request is encoded
-                yield self._assemble(prepared, futures)
+                while active and active[0][2] == 0:
+                    prepared, out, _ = active.popleft()
+                    self._counters["clean_views"] += int(prepared.clean.size)
+                    self._counters["reencoded_views"] += prepared.n_work
+                    yield out, prepared.n_work
         finally:
             for _, futures in pending:
                 for f in futures:
@@ -365,35 +395,22 @@ class SelectiveEncoder:
             out.append((position, self.transform(view)))
         return out
 
-    def _assemble(self, prepared: _Prepared, futures: list[Any]) -> tuple[torch.Tensor, int]:
-        n = prepared.indices.size
-        out = torch.empty(n, self.dim, dtype=torch.float32, device=self.device)
+    def _clean_rows(self, prepared: _Prepared) -> torch.Tensor:
+        """The request's output, its clean views filled from the cache."""
+        out = torch.empty(prepared.indices.size, self.dim, dtype=torch.float32, device=self.device)
         if prepared.clean.size:
             rows = torch.from_numpy(prepared.indices[prepared.clean]).to(self.cache.device)
             where = torch.from_numpy(prepared.clean).to(self.device)
             out[where] = self.cache[rows].to(self.device, non_blocking=True).float()
-        positions: list[int] = []
-        images: list[torch.Tensor] = []
-        for future in futures:
-            start = time.perf_counter()
-            done = future.result()
-            self._counters["pixel_wait_seconds"] += time.perf_counter() - start
-            for position, tensor in done:
-                positions.append(position)
-                images.append(tensor)
-            if len(images) >= self.batch_size:
-                self._encode_into(out, positions[: self.batch_size], images[: self.batch_size])
-                del positions[: self.batch_size], images[: self.batch_size]
-        while images:
-            self._encode_into(out, positions[: self.batch_size], images[: self.batch_size])
-            del positions[: self.batch_size], images[: self.batch_size]
-        self._counters["clean_views"] += int(prepared.clean.size)
-        self._counters["reencoded_views"] += prepared.n_work
-        return out, prepared.n_work
+        return out
 
     def _encode_into(
-        self, out: torch.Tensor, positions: list[int], images: list[torch.Tensor]
+        self, targets: list[tuple[list[Any], int]], images: list[torch.Tensor]
     ) -> None:
+        """Encode one batch and scatter its rows into the outputs of the requests they belong to.
+
+        No device synchronisation: on a GPU `encode_seconds` is the host time to queue the
+        encoder's work, and the encoder overlaps with the next batch's pixel work."""
         start = time.perf_counter()
         batch = torch.stack(images).to(self.device, non_blocking=True)
         if self.encoder.training:
@@ -402,8 +419,16 @@ class SelectiveEncoder:
             feats = self.encoder.encode_image(batch, normalize=False)
         # `out` is an ordinary tensor: copying inference-mode results into it makes rows the
         # adapter can use in autograd.
-        out[torch.tensor(positions, device=self.device)] = feats.float()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # honest encode_seconds
+        feats = feats.float()
+        rows: dict[int, tuple[list[Any], list[int], list[int]]] = {}
+        for i, (entry, position) in enumerate(targets):
+            rows.setdefault(id(entry), (entry, [], []))[1].append(i)
+            rows[id(entry)][2].append(position)
+        for entry, src, dst in rows.values():
+            out = entry[1]
+            out[torch.tensor(dst, device=self.device)] = feats[
+                torch.tensor(src, device=self.device)
+            ]
+            entry[2] -= len(src)
         self._counters["encode_seconds"] += time.perf_counter() - start
         self._counters["encoder_batches"] += 1

@@ -329,7 +329,9 @@ class Stage2Trainer:
         if cfg.mode == "ecvl" and self.momentum.has_scores:
             scores = self.momentum.scores().numpy()
         before = self.encoder.counters
-        sums = torch.zeros(3, dtype=torch.float64)  # total, cls, dcvl over draws
+        # total, cls, dcvl summed over the draws, on the device (MPS has no float64)
+        wide = torch.float32 if self.device.type == "mps" else torch.float64
+        sums = torch.zeros(3, dtype=wide, device=self.device)
         bs = cfg.batch_size
         stream = self.encoder.encode_stream(self._requests(epoch, order, scores))
         bar = tqdm(
@@ -343,25 +345,23 @@ class Stage2Trainer:
             for step, (features, _) in enumerate(stream, start=1):
                 idx = order[(step - 1) * bs : step * bs]
                 total, cls, dcvl = self._losses(features, torch.from_numpy(idx))
-                loss = total.mean()
-                if not torch.isfinite(loss):
+                # The one host sync of a step: the momentum EMA lives on the host.
+                per_draw = total.detach().cpu()
+                if not torch.isfinite(per_draw).all():
                     raise TrainingError(
-                        f"non-finite stage-II loss ({loss.item()}) at epoch {epoch}, step {step}; "
-                        "lower the learning rate"
+                        f"non-finite stage-II loss ({per_draw.mean().item()}) at epoch {epoch}, "
+                        f"step {step}; lower the learning rate"
                     )
+                loss = total.mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 self.scheduler.step()
-                total = total.detach()
-                self.momentum.update(idx, total)
-                sums += (
-                    torch.stack([total.sum(), cls.detach().sum(), dcvl.detach().sum()])
-                    .double()
-                    .cpu()
-                )
+                self.momentum.update(idx, per_draw)
+                sums += torch.stack([total.detach().sum(), cls.detach().sum(), dcvl.detach().sum()])
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if step % 25 == 0:
+                    bar.set_postfix(loss=f"{per_draw.mean().item():.3f}")
         drawn = self.momentum.end_epoch()
         self.epoch = epoch
         seconds = time.perf_counter() - start
@@ -369,7 +369,7 @@ class Stage2Trainer:
         delta = {k: after[k] - before[k] for k in after}
         n = len(order)
         views = int(delta["clean_views"] + delta["reencoded_views"])
-        mean = (sums / n).tolist()
+        mean = (sums.cpu() / n).tolist()
         stats: dict[str, Any] = {
             "epoch": epoch,
             "mode": cfg.mode,
@@ -515,8 +515,8 @@ def predict_cached(
     those instead.
 
     Args:
-        adapter: the trained adapter (returns `f*`) or a head with `scores`; its train/eval
-            mode is restored after.
+        adapter: the trained adapter (returns `f*`) or a head with `scores`; moved to `device`
+            (heads are built on the CPU), its train/eval mode restored after.
         features: (N, d) cached, un-normalised image embeddings (float16 is fine).
         text_features: (K, d) class text embeddings (normalised here).
         device: where to compute.
@@ -535,13 +535,14 @@ def predict_cached(
         else np.asarray(text_features)
     )
     text = F.normalize(text.float().to(device), dim=-1)
+    adapter = adapter.to(device)
     was_training = adapter.training
     adapter.eval()
     out = []
     try:
         for a in range(0, feats.shape[0], batch_size):
             batch = feats[a : a + batch_size].to(device).float()
-            out.append(class_logits(adapter, batch, text).argmax(dim=1).cpu())
+            out.append(class_logits(adapter, batch, text).argmax(dim=1))
     finally:
         adapter.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+    return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.int64)

@@ -39,6 +39,16 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def one_line(error: Exception) -> str:
+    """The user's message of `error`. An error raised in a DataLoader worker comes back re-raised
+    with the worker's whole traceback as its message; its last line is the original message."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(error).__module__) else last
+    return text
+
+
 def run_stage(stage: str, params_path: str) -> None:
     """Validate the params, then run `pipeline.<stage>.run(params)` with clean error exits."""
     try:
@@ -57,7 +67,7 @@ def run_loaded_stage(stage: str, params: Params) -> None:
     except ParamsError as e:
         _fail(str(e), 2)
     except EcvlError as e:
-        _fail(f"{stage}: {e}", 1)
+        _fail(f"{stage}: {one_line(e)}", 1)
     except KeyboardInterrupt:
         _fail(f"{stage}: interrupted; outputs were left as they were", 130)
 
@@ -68,7 +78,7 @@ def _params_option(help_text: str) -> Callable:
         "params_path",
         default="params.yaml",
         show_default=True,
-        type=click.Path(dir_okay=False),
+        type=click.Path(),  # checked by load_params: one line, exit 2, like every params error
         help=help_text,
     )
 
@@ -142,7 +152,7 @@ def seeds(params_path: str, seeds: str, out: str, verbose: bool) -> None:
     except ParamsError as e:
         _fail(str(e), 2)
     except EcvlError as e:
-        _fail(f"seeds: {e}", 1)
+        _fail(f"seeds: {one_line(e)}", 1)
     except KeyboardInterrupt:
         _fail("seeds: interrupted; finished seeds and stage checkpoints are kept", 130)
 

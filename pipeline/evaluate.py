@@ -8,15 +8,18 @@ the dataset has one. Group membership comes from the shard manifest.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import torch
+import yaml
 
 from ecvl.data.embeddings import open_embeddings
 from ecvl.data.shards import load_manifest
 from ecvl.distributed import resolve_device
 from ecvl.engine import resolve_precision
+from ecvl.errors import DataError
 from ecvl.evaluation import evaluate_clip
 from ecvl.metrics import SUMMARY_KEYS as COLUMNS
 from ecvl.metrics import classification_report, per_class_accuracy
@@ -25,6 +28,7 @@ from ecvl.models.clip import create_model
 from ecvl.stage2 import predict_cached
 from pipeline.io import atomic_file, write_csv, write_json, write_text
 from pipeline.params import Params
+from pipeline.schema import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ ROW_NAMES = {
     "stage1": "Stage I (fine-tuned)",
     "stage2_linear_probe": "Linear probe (cross-entropy, long-tailed sampling)",
     "stage2_ballad": "Stage II: adapter + balanced sampling (BALLAD-like)",
-    "stage2_contrast_standard": "Stage II: + momentum contrast loss, standard views",
+    "stage2_contrast_standard": "Stage II: + two-view contrastive loss, standard views",
     "stage2_ecvl": "Stage II: full ECVL",
 }
 
@@ -48,6 +52,7 @@ def run(params: Params) -> None:
     groups = manifest.class_groups
     k = manifest.num_classes
 
+    adapters = _load_adapters(params)  # checked before any (slow) zero-shot pass
     predictions: dict[str, dict[str, np.ndarray]] = {s: {} for s in splits}
     truth = {s: emb.split(s).labels for s in splits}
     if p.zero_shot:
@@ -58,8 +63,7 @@ def run(params: Params) -> None:
         predictions[split]["stage1"] = predict_cached(
             torch.nn.Identity(), feats, text, device, p.batch_size
         ).numpy()
-        for mode in params.stage2.modes:
-            adapter = load_adapter(paths.stage2 / mode)
+        for mode, adapter in adapters.items():
             predictions[split][f"stage2_{mode}"] = predict_cached(
                 adapter, feats, text, device, p.batch_size
             ).numpy()
@@ -81,7 +85,10 @@ def run(params: Params) -> None:
     if params.stage1.pretrained is None:
         note += ": random init, so its row is chance level by construction, not a CLIP result"
     write_json(paths.metrics / "eval.json", metrics)
-    write_text(paths.reports / "results.md", "\n\n".join(tables) + f"\n\n{note}.\n")
+    write_text(
+        paths.reports / "results.md",
+        "\n\n".join(tables) + f"\n\n{note}.\n\n" + _params_record(params),
+    )
     _per_class_outputs(params, manifest, predictions, truth)
     log.info("wrote %s, %s", paths.metrics / "eval.json", paths.reports / "results.md")
     for split in splits:
@@ -108,11 +115,57 @@ def _zero_shot(params: Params, manifest, splits, device) -> dict[str, np.ndarray
             manifest.class_groups,
             device,
             precision,
-            params.evaluate.batch_size,
+            s1.eval_batch_size,  # images per batch; evaluate.batch_size counts cached rows
             params.base.num_workers,
         )[2]
         for split in splits
     }
+
+
+def _load_adapters(params: Params) -> dict:
+    """Every mode's adapter, all from one stage-II run trained with these params.
+
+    Raises:
+        DataError: a mode was not trained, the adapters come from different runs (copied in,
+            or written by a version that replaced one mode at a time), or the run used other
+            stage-II params or another seed than `params` (stage2 not re-run after an edit).
+    """
+    root, records = params.paths.stage2, {}
+    for mode in params.stage2.modes:
+        path = root / mode / "adapter.json"
+        if not path.is_file():
+            raise DataError(f"{path}: not found: mode {mode!r} not trained (run `ecvl stage2`)")
+        records[mode] = json.loads(path.read_text())
+    runs = {mode: info.get("run") for mode, info in records.items()}
+    if None in runs.values() or len(set(runs.values())) > 1:
+        raise DataError(
+            f"{root}: the adapters of {', '.join(runs)} come from different stage-II runs "
+            "(re-run `ecvl stage2`)"
+        )
+    info = next(iter(records.values()))
+    wanted = {"seed": params.base.seed, **to_plain(params.stage2)}
+    trained = {"seed": info.get("seed"), **info.get("params", {})}
+    for key, value in wanted.items():
+        if trained.get(key) != value:
+            name = "base.seed" if key == "seed" else f"stage2.{key}"
+            raise DataError(
+                f"{root} was trained with {name}={trained.get(key)!r}, the params say "
+                f"{value!r} (re-run `ecvl stage2`)"
+            )
+    return {mode: load_adapter(root / mode) for mode in records}
+
+
+def _params_record(params: Params) -> str:
+    """The params behind the tables (all but the artifact paths), for the report to stand alone;
+    stage II's are checked against its adapters' own record above."""
+    plain = {k: v for k, v in to_plain(params).items() if k != "paths"}
+    plain["base"] = {"seed": params.base.seed}  # the rest of `base` does not change results
+    for key in ("source", "test_source"):
+        source = getattr(params.shard, key)
+        if source is not None:
+            plain["shard"][key] = {"name": source.name, **plain["shard"][key]}
+    text = yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
+    return f"Params that produced these tables:\n\n```yaml\n{text}```\n"
 
 
 def _markdown_table(split: str, rows: dict, manifest, params: Params) -> str:

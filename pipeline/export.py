@@ -9,6 +9,9 @@
 Resumable and atomic: both are written under `.<name>.partial` next to their final path and
 renamed at the end. A killed export re-run with the same model, shards and params continues
 where it stopped and ends with the same arrays; anything else starts over.
+
+Under torchrun only rank 0 exports (the other ranks return at once): the stores are written
+in one order by one process, so they are identical to a one-process export.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ecvl.data.embeddings import EmbeddingWriter
 from ecvl.data.image_store import ImageStoreWriter
 from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
 from ecvl.data.shards import Manifest, load_manifest
-from ecvl.distributed import resolve_device
+from ecvl.distributed import resolve_device, world_info
 from ecvl.engine import autocast, resolve_precision
 from ecvl.errors import DataError, ModelError
 from ecvl.models.clip import ClipBundle
@@ -57,7 +60,11 @@ def _prepare_partials(outputs: list[Path], run_id: str) -> None:
 
 def run(params: Params) -> None:
     p, paths = params.export, params.paths
-    device = resolve_device(params.base.device)
+    world = world_info()
+    if not world.is_main:
+        log.info("export: rank %d has nothing to do (rank 0 writes the caches)", world.rank)
+        return
+    device = resolve_device(params.base.device, world)
     precision = resolve_precision(p.precision, device)
     manifest = load_manifest(paths.shards)
     bundle, info = load_stage1(paths.stage1, device)
@@ -92,6 +99,9 @@ def run(params: Params) -> None:
         "templates": templates,
         "classes": list(manifest.classes),
         "model_dir": str(paths.stage1),
+        # Stage II re-encodes views with the same encoder: it must use the same precision, or
+        # a clean view re-encoded would not equal its cached row.
+        "precision": precision,
     }
     emb = EmbeddingWriter(_partial(paths.embeddings), splits, bundle.embed_dim, attrs)
     with ImageStoreWriter(_partial(paths.image_store), splits["train"]) as images:
@@ -155,8 +165,9 @@ def _export_split(
         bundle.eval_transform,
         batch_size,
         with_bytes=images is not None,
+        device=device,
     )
-    loader = make_loader(pipe, workers, pin_memory=device.type == "cuda")
+    loader = make_loader(pipe, workers, device)
     model = bundle.model.eval()
     start = 0
     bar = tqdm(total=n, initial=0, desc=f"export {split}", unit="img", disable=not progress)

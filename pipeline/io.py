@@ -65,7 +65,18 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+    _usual_modes(tmp)
     replace(tmp, path)
+
+
+def _usual_modes(root: Path) -> None:
+    """Give every file and folder under `root` the usual modes (0644 / 0755 under umask 022):
+    writers such as safetensors create private 0600 files, which other users of a shared
+    DVC cache or checkout could not read."""
+    mask = _umask()
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -156,6 +167,21 @@ def fingerprint(*parts: Any) -> str:
 
     blob = json.dumps(_jsonable(list(parts)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def is_timing(key: str) -> bool:
+    """Wall-clock columns (`seconds`, `encode_seconds`, `images_per_s`, ...): they differ on
+    every run, so they never go into a file DVC hashes into dvc.lock."""
+    return key.endswith("seconds") or key.endswith("_per_s")
+
+
+def write_history(
+    plot_path: Path | str, log_path: Path | str, rows: list[dict], index: tuple[str, ...]
+) -> None:
+    """Per-epoch rows split in two: everything but timings to `plot_path` (a DVC plot, the same
+    bytes on every identical run), the `index` columns plus timings to `log_path` (not DVC's)."""
+    write_csv(plot_path, [{k: v for k, v in r.items() if not is_timing(k)} for r in rows])
+    write_csv(log_path, [{k: v for k, v in r.items() if k in index or is_timing(k)} for r in rows])
 
 
 def write_csv(path: Path | str, rows: list[dict]) -> None:

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
-from ecvl.data.sources import SOURCES
+from ecvl.augment import OP_NAMES
+from ecvl.data.sources import SOURCES, default_prompt_templates
 from pipeline.schema import ParamsError, bounds, build
 
 
@@ -23,9 +24,9 @@ from pipeline.schema import ParamsError, bounds, build
 class BaseParams:
     """Shared by every stage."""
 
-    seed: int = field(default=0, metadata=bounds(ge=0))
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = field(default=2, metadata=bounds(ge=0))
+    seed: int = field(default=0, metadata=bounds(ge=0, le=2**32 - 1))
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    num_workers: int = field(default=2, metadata=bounds(ge=0, le=256))
     progress: bool = True
 
     def check(self, where: str) -> None:
@@ -33,12 +34,38 @@ class BaseParams:
             raise ParamsError(
                 f"{where}.device: must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
             )
+        check_device_available(self.device, f"{where}.device")
+
+
+def check_device_available(device: str, where: str) -> None:
+    """A device this machine (and this torchrun launch) has, checked before any stage starts
+    work, with the placement rules the stages use (`ecvl.distributed.choose_device`); `auto`
+    and `cpu` always are. Without it a stage would fail only when it first moves a tensor."""
+    if device in ("auto", "cpu"):
+        return
+    import torch  # only for an explicit accelerator: `ecvl shard` on auto/cpu never needs it
+
+    from ecvl.distributed import choose_device, world_info
+    from ecvl.errors import DeviceError
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    try:
+        choose_device(device, world_info(), count, mps)
+    except DeviceError as e:
+        raise ParamsError(f"{where}: {e}; use auto or cpu") from None
 
 
 @dataclass(frozen=True)
 class PathsParams:
-    """Every artifact path, written once; dvc.yaml reads them as `${paths.*}`."""
+    """Every artifact path, written once; dvc.yaml reads them as `${paths.*}`.
 
+    `raw` is the one input: the folder the source data lives in, a dependency of the `shard`
+    stage, so that DVC re-shards when the user's own files change without editing dvc.yaml.
+    `logs` holds per-epoch timings, kept out of the files DVC hashes (they differ every run).
+    """
+
+    raw: Path = Path("data/raw")
     shards: Path = Path("data/shards")
     stage1: Path = Path("models/stage1")
     checkpoints: Path = Path("checkpoints")
@@ -49,6 +76,7 @@ class PathsParams:
     metrics: Path = Path("metrics")
     plots: Path = Path("plots")
     reports: Path = Path("reports")
+    logs: Path = Path("logs")
 
 
 def parse_source(value: Any, where: str) -> Any:
@@ -72,6 +100,14 @@ def parse_source(value: Any, where: str) -> Any:
     return config
 
 
+# Upper bounds: far beyond any sensible value, but finite, so that a typo (an extra zero, an
+# exponent) stops at validation instead of hours later or in an allocation.
+_COUNT_MAX = 10**9
+_EPOCHS_MAX = 10_000
+_BATCH_MAX = 2**20
+_WEIGHT_MAX = 1_000.0
+
+
 @dataclass(frozen=True)
 class ShardParams:
     """Source data → long-tailed splits → webdataset shards (DESIGN.md §2)."""
@@ -80,14 +116,14 @@ class ShardParams:
         default_factory=lambda: SOURCES["digits"](), metadata=bounds(parse=parse_source)
     )
     test_source: Any = field(default=None, metadata=bounds(parse=parse_source))
-    test_per_class: int = field(default=0, metadata=bounds(ge=0))
-    val_per_class: int = field(default=0, metadata=bounds(ge=0))
-    imbalance_factor: float | None = field(default=None, metadata=bounds(ge=1))
-    n_max: int | None = field(default=None, metadata=bounds(ge=1))
-    membership_imbalance_factor: float | None = field(default=None, metadata=bounds(ge=1))
-    many_above: int = field(default=100, metadata=bounds(ge=0))
-    few_below: int = field(default=20, metadata=bounds(ge=0))
-    maxcount: int = field(default=1000, metadata=bounds(ge=1))
+    test_per_class: int = field(default=0, metadata=bounds(ge=0, le=_COUNT_MAX))
+    val_per_class: int = field(default=0, metadata=bounds(ge=0, le=_COUNT_MAX))
+    imbalance_factor: float | None = field(default=None, metadata=bounds(ge=1, le=1e6))
+    n_max: int | None = field(default=None, metadata=bounds(ge=1, le=_COUNT_MAX))
+    membership_imbalance_factor: float | None = field(default=None, metadata=bounds(ge=1, le=1e6))
+    many_above: int = field(default=100, metadata=bounds(ge=0, le=_COUNT_MAX))
+    few_below: int = field(default=20, metadata=bounds(ge=0, le=_COUNT_MAX))
+    maxcount: int = field(default=1000, metadata=bounds(ge=1, le=_COUNT_MAX))
     max_bad_fraction: float = field(default=0.0, metadata=bounds(ge=0, le=1))
 
     def check(self, where: str) -> None:
@@ -111,11 +147,12 @@ class PromptsParams:
     """Class-prompt templates, shared by every stage that encodes text."""
 
     train_templates: tuple[str, ...] = ("a photo of a {}.",)
-    eval_templates: tuple[str, ...] = ("a photo of a {}.",)
+    eval_templates: tuple[str, ...] | None = None  # None: the source's own (see load_params)
 
     def check(self, where: str) -> None:
         _check_templates(self.train_templates, f"{where}.train_templates")
-        _check_templates(self.eval_templates, f"{where}.eval_templates")
+        if self.eval_templates is not None:
+            _check_templates(self.eval_templates, f"{where}.eval_templates")
 
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -127,29 +164,38 @@ class Stage1Params:
 
     model: str = "ecvl-tiny-vit"
     pretrained: str | None = None  # open_clip tag, checkpoint file or local-dir; null = random
-    epochs: int = field(default=30, metadata=bounds(ge=1))
-    batch_size: int = field(default=64, metadata=bounds(ge=1))
-    lr: float = field(default=1e-3, metadata=bounds(gt=0))
-    weight_decay: float = field(default=0.1, metadata=bounds(ge=0))
-    warmup_epochs: float = field(default=1.0, metadata=bounds(ge=0))
-    grad_clip: float | None = field(default=1.0, metadata=bounds(gt=0))
-    w_i2t: float = field(default=1.0, metadata=bounds(ge=0))
-    w_t2i: float = field(default=1.0, metadata=bounds(ge=0))
-    logit_scale_max: float = field(default=100.0, metadata=bounds(gt=1))
+    epochs: int = field(default=30, metadata=bounds(ge=1, le=_EPOCHS_MAX))
+    batch_size: int = field(default=64, metadata=bounds(ge=1, le=_BATCH_MAX))
+    lr: float = field(default=1e-3, metadata=bounds(gt=0, le=1))
+    weight_decay: float = field(default=0.1, metadata=bounds(ge=0, le=10))
+    warmup_epochs: float = field(default=1.0, metadata=bounds(ge=0, le=_EPOCHS_MAX))
+    grad_clip: float | None = field(default=1.0, metadata=bounds(gt=0, le=1e6))
+    w_i2t: float = field(default=1.0, metadata=bounds(ge=0, le=_WEIGHT_MAX))
+    w_t2i: float = field(default=1.0, metadata=bounds(ge=0, le=_WEIGHT_MAX))
+    logit_scale_max: float = field(default=100.0, metadata=bounds(gt=1, le=1e4))
     precision: Precision = "auto"
-    shuffle_buffer: int = field(default=1000, metadata=bounds(ge=0))
-    eval_batch_size: int = field(default=256, metadata=bounds(ge=1))
+    shuffle_buffer: int = field(default=1000, metadata=bounds(ge=0, le=10**7))
+    eval_batch_size: int = field(default=256, metadata=bounds(ge=1, le=_BATCH_MAX))
+    text_batch_size: int | None = field(default=None, metadata=bounds(ge=1, le=_BATCH_MAX))
 
     def check(self, where: str) -> None:
         if self.w_i2t + self.w_t2i == 0:
             raise ParamsError(f"{where}.w_i2t: w_i2t and w_t2i cannot both be 0")
+        _check_warmup(self.warmup_epochs, self.epochs, where)
+
+
+def _check_warmup(warmup_epochs: float, epochs: int, where: str) -> None:
+    if warmup_epochs > epochs:
+        raise ParamsError(
+            f"{where}.warmup_epochs: must be <= epochs ({epochs}), got {warmup_epochs:g}"
+        )
 
 
 @dataclass(frozen=True)
 class ExportParams:
     """Cache embeddings and train images for stage II (DESIGN.md §1 Export)."""
 
-    batch_size: int = field(default=512, metadata=bounds(ge=1))
+    batch_size: int = field(default=512, metadata=bounds(ge=1, le=_BATCH_MAX))
     precision: Precision = "auto"
 
 
@@ -168,22 +214,23 @@ class Stage2Params:
     """
 
     modes: tuple[Stage2Mode, ...] = ("linear_probe", "ballad", "contrast_standard", "ecvl")
-    epochs: int = field(default=30, metadata=bounds(ge=1))
-    batch_size: int = field(default=128, metadata=bounds(ge=2))
-    lr: float = field(default=1e-3, metadata=bounds(gt=0))
-    weight_decay: float = field(default=1e-4, metadata=bounds(ge=0))
-    warmup_epochs: float = field(default=0.0, metadata=bounds(ge=0))
+    epochs: int = field(default=30, metadata=bounds(ge=1, le=_EPOCHS_MAX))
+    batch_size: int = field(default=128, metadata=bounds(ge=2, le=_BATCH_MAX))
+    lr: float = field(default=1e-3, metadata=bounds(gt=0, le=1))
+    weight_decay: float = field(default=1e-4, metadata=bounds(ge=0, le=10))
+    warmup_epochs: float = field(default=0.0, metadata=bounds(ge=0, le=_EPOCHS_MAX))
     residual_ratio: float = field(default=0.2, metadata=bounds(ge=0, le=1, key="lambda"))
     beta: float = field(default=0.97, metadata=bounds(ge=0, lt=1))
-    k: int = field(default=2, metadata=bounds(ge=1))
-    tau_dcvl: float = field(default=0.1, metadata=bounds(gt=0))
-    w_dcvl: float = field(default=1.0, metadata=bounds(ge=0))
+    # k ops drawn per view (eq. 10); more than RandAugment has only repeats ops
+    k: int = field(default=2, metadata=bounds(ge=1, le=len(OP_NAMES)))
+    tau_dcvl: float = field(default=0.1, metadata=bounds(gt=0, le=100))
+    w_dcvl: float = field(default=1.0, metadata=bounds(ge=0, le=_WEIGHT_MAX))
     sampler: Literal["balanced", "instance"] = "balanced"
-    draws_per_epoch: int | None = field(default=None, metadata=bounds(ge=1))
+    draws_per_epoch: int | None = field(default=None, metadata=bounds(ge=1, le=_COUNT_MAX))
     precision: Precision = "auto"
-    encode_batch_size: int = field(default=256, metadata=bounds(ge=1))
-    augment_workers: int = field(default=0, metadata=bounds(ge=0))
-    eval_batch_size: int = field(default=4096, metadata=bounds(ge=1))
+    encode_batch_size: int = field(default=256, metadata=bounds(ge=1, le=_BATCH_MAX))
+    augment_workers: int = field(default=0, metadata=bounds(ge=0, le=256))
+    eval_batch_size: int = field(default=4096, metadata=bounds(ge=1, le=_BATCH_MAX))
 
     def check(self, where: str) -> None:
         if not self.modes:
@@ -192,6 +239,7 @@ class Stage2Params:
             )
         if len(set(self.modes)) != len(self.modes):
             raise ParamsError(f"{where}.modes: listed twice: {list(self.modes)}")
+        _check_warmup(self.warmup_epochs, self.epochs, where)
 
 
 @dataclass(frozen=True)
@@ -200,7 +248,7 @@ class EvaluateParams:
 
     splits: tuple[Literal["test", "val"], ...] = ("test", "val")
     zero_shot: bool = True
-    batch_size: int = field(default=4096, metadata=bounds(ge=1))
+    batch_size: int = field(default=4096, metadata=bounds(ge=1, le=_BATCH_MAX))
 
 
 @dataclass(frozen=True)
@@ -241,16 +289,40 @@ def load_params(path: Path | str) -> Params:
             missing input file. The message names the file and the dotted key.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a directory, not a params file")
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(
+            f"{path}: not a text file (byte {e.start} is not UTF-8); give a YAML params file"
+        ) from None
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ParamsError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if data is None:  # an empty (or comments-only) file would silently run on built-in defaults
+        raise ParamsError(f"{path}: the params file is empty; start from the shipped params.yaml")
     try:
-        return build(Params, data, where="params")
+        params = build(Params, data, where="params")
     except ParamsError as e:
-        msg = str(e).removeprefix("params.")
+        msg = str(e).removeprefix("params.").removeprefix("params: ")
         raise ParamsError(f"{path}: {msg}") from None
+    return _with_source_templates(params)
+
+
+def _with_source_templates(params: Params) -> Params:
+    """`prompts.eval_templates: null` becomes the source's own templates, so a template made
+    for one dataset (digits' "a photo of the number {}.") never follows a user to theirs."""
+    if params.prompts.eval_templates is not None:
+        return params
+    templates = default_prompt_templates(params.shard.source)
+    return dataclasses.replace(
+        params, prompts=dataclasses.replace(params.prompts, eval_templates=templates)
+    )

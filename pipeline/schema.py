@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -98,6 +99,8 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             _fail(where, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf / .nan: no parameter means them
+            _fail(where, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -167,8 +170,11 @@ def build(cls: type, data: Any, where: str) -> Any:
 
 def to_plain(obj: Any) -> Any:
     """A dataclass tree as plain JSON-able values (for logs and artifacts)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if dataclasses.is_dataclass(obj):  # keys spelled as in params.yaml (`lambda`)
+        return {
+            f.metadata.get("key", f.name): to_plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+        }
     if isinstance(obj, tuple | list):
         return [to_plain(v) for v in obj]
     if isinstance(obj, Path):

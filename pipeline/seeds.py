@@ -43,10 +43,13 @@ COLUMN_NAMES = {
 def seed_params(raw: dict[str, Any], seed: int, root: Path) -> dict[str, Any]:
     """The params of one seed's run: `base.seed` set and every artifact under `root`, laid out
     as the default `paths` are (whatever the file's own paths say, so that no two seeds share
-    one)."""
+    one); `paths.raw`, the input data, stays where it is."""
     out = copy.deepcopy(raw)
     out.setdefault("base", {})["seed"] = seed
-    out["paths"] = {k: str(root / v) for k, v in vars(PathsParams()).items()}
+    inputs = raw.get("paths", {}).get("raw")  # the source data is shared, never re-rooted
+    out["paths"] = {k: str(root / v) for k, v in vars(PathsParams()).items() if k != "raw"}
+    if inputs is not None:
+        out["paths"]["raw"] = inputs
     return out
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+from pathlib import Path
 
 from ecvl.data.shards import write_manifest, write_split_shards
 from ecvl.data.splits import SplitPlan, carve_splits, check_train_counts, class_membership
@@ -17,6 +19,7 @@ log = logging.getLogger(__name__)
 
 def run(params: Params) -> None:
     p = params.shard
+    _warn_outside_raw(params)
     source = p.source.load()
     test_override = None
     if p.test_source is not None:
@@ -96,3 +99,21 @@ def run(params: Params) -> None:
         few,
         max(counts) / min(counts),
     )
+
+
+def _warn_outside_raw(params: Params) -> None:
+    """DVC watches `paths.raw` only: source files elsewhere change without a re-shard."""
+    raw = params.paths.raw.resolve()
+    for key in ("source", "test_source"):
+        source = getattr(params.shard, key)
+        for f in dataclasses.fields(source) if source is not None else ():
+            value = getattr(source, f.name)
+            if isinstance(value, Path) and not value.resolve().is_relative_to(raw):
+                log.warning(
+                    "shard.%s.%s (%s) is outside paths.raw (%s): `dvc repro` will not notice "
+                    "when it changes; set paths.raw to a folder that holds it",
+                    key,
+                    f.name,
+                    value,
+                    params.paths.raw,
+                )

@@ -17,6 +17,7 @@ import torch
 from ecvl.data.reader import check_shard_count, make_loader, take, train_pipeline
 from ecvl.data.shards import load_manifest
 from ecvl.distributed import (
+    all_gather_objects,
     barrier,
     init_distributed,
     resolve_device,
@@ -34,7 +35,7 @@ from pipeline.io import (
     fingerprint,
     load_checkpoint,
     save_checkpoint,
-    write_csv,
+    write_history,
     write_json,
 )
 from pipeline.params import Params
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 def run(params: Params) -> None:
     world = world_info()
-    device = resolve_device(params.base.device, world.local_rank)
+    device = resolve_device(params.base.device, world)
     init_distributed(world, device)
     try:
         _train(params, world, device)
@@ -57,8 +58,10 @@ def _train(params: Params, world, device: torch.device) -> None:
     p, paths = params.stage1, params.paths
     manifest = load_manifest(paths.shards)
     precision = resolve_precision(p.precision, device)
-    torch.manual_seed(params.base.seed)
+    torch.manual_seed(params.base.seed)  # the same initial weights on every rank
     bundle = create_model(p.model, p.pretrained, device=device)
+    if world.rank:  # each rank its own crops and flips (rank 0 keeps the single-process stream)
+        torch.manual_seed(params.base.seed + 1_000_003 * world.rank)
     tokens = tokenize_prompts(bundle.tokenizer, manifest.classes, params.prompts.train_templates)
 
     urls = manifest.shard_paths("train")
@@ -75,6 +78,7 @@ def _train(params: Params, world, device: torch.device) -> None:
         w_t2i=p.w_t2i,
         logit_scale_max=p.logit_scale_max,
         precision=precision,
+        text_batch_size=p.text_batch_size,
     )
     trainer = Stage1Trainer(bundle.model, tokens, config, device, ddp=world.distributed)
     run_id = fingerprint(
@@ -83,12 +87,15 @@ def _train(params: Params, world, device: torch.device) -> None:
         to_plain(params.prompts),
         params.base.seed,
         world.world_size,
+        device.type,  # a CPU checkpoint never resumes on a GPU, nor the reverse
+        precision,  # resolved: `auto` means bf16 on one GPU and fp16 on another
         manifest.data["source_fingerprint"],
     )
     ckpt_path = paths.checkpoints / "stage1.pt"
     history: list[dict] = []
     state = load_checkpoint(ckpt_path, run_id)
     if state is not None:
+        state["trainer"]["rng"] = state["rank_rng"][world.rank]  # this rank's own generators
         trainer.load_state_dict(state["trainer"])
         history = list(state["history"])
         log.info("resuming stage1 after epoch %d of %d (%s)", trainer.epoch, p.epochs, ckpt_path)
@@ -108,12 +115,18 @@ def _train(params: Params, world, device: torch.device) -> None:
     while trainer.epoch < p.epochs:
         epoch = trainer.epoch + 1
         pipe = train_pipeline(
-            urls, bundle.train_transform, p.batch_size, params.base.seed, epoch, p.shuffle_buffer
+            urls,
+            bundle.train_transform,
+            p.batch_size,
+            params.base.seed,
+            epoch,
+            p.shuffle_buffer,
+            device=device,
         )
-        loader = make_loader(pipe, workers, pin_memory=device.type == "cuda")
-        stats = trainer.train_epoch(take(loader, steps), progress=progress)
+        stats = trainer.train_epoch(take(make_loader(pipe, workers, device), steps), progress)
+        report = _evaluate(bundle, manifest, eval_split, params, device, precision, world)
+        rank_rng = all_gather_objects(world, trainer.rng_state())
         if world.is_main:
-            report = _evaluate(bundle, manifest, eval_split, params, device, precision)
             row = {**stats.__dict__, **{f"{eval_split}_{k}": report[k] for k in METRIC_KEYS}}
             history.append(row)
             log.info(
@@ -135,7 +148,12 @@ def _train(params: Params, world, device: torch.device) -> None:
             )
             save_checkpoint(
                 ckpt_path,
-                {"fingerprint": run_id, "trainer": trainer.state_dict(), "history": history},
+                {
+                    "fingerprint": run_id,
+                    "trainer": trainer.state_dict(),
+                    "rank_rng": rank_rng,
+                    "history": history,
+                },
             )
         barrier(world)
 
@@ -144,7 +162,7 @@ def _train(params: Params, world, device: torch.device) -> None:
     barrier(world)
 
 
-def _evaluate(bundle, manifest, split, params: Params, device, precision) -> dict:
+def _evaluate(bundle, manifest, split, params: Params, device, precision, world) -> dict:
     report, _, _ = evaluate_clip(
         bundle,
         manifest.shard_paths(split),
@@ -155,6 +173,7 @@ def _evaluate(bundle, manifest, split, params: Params, device, precision) -> dic
         precision,
         params.stage1.eval_batch_size,
         params.base.num_workers,
+        world,
     )
     return report
 
@@ -175,14 +194,17 @@ def _write_outputs(params: Params, bundle, manifest, history, eval_split) -> Non
                     "classes": list(manifest.classes),
                     "train_templates": list(params.prompts.train_templates),
                     "eval_templates": list(params.prompts.eval_templates),
+                    "params": {"seed": params.base.seed, "stage1": to_plain(params.stage1)},
                     "metrics": metrics,
                 },
                 indent=2,
             )
             + "\n"
         )
-    write_json(paths.metrics / "stage1.json", metrics)
-    write_csv(paths.plots / "stage1.csv", history)
+    write_json(paths.metrics / "stage1.json", {"stage1": metrics})  # `stage1.*` in exp show
+    write_history(
+        paths.plots / "stage1.csv", paths.logs / "stage1_timings.csv", history, ("epoch",)
+    )
     log.info(
         "wrote %s, %s, %s", paths.stage1, paths.metrics / "stage1.json", paths.plots / "stage1.csv"
     )

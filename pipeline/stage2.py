@@ -3,8 +3,10 @@
 Each mode in `stage2.modes` (the paper's Table 5 rows) trains its own adapter in
 `<paths.stage2>/<mode>/`. Clean views are read from the export's cache; only views that were
 actually augmented are decoded from the image store and re-encoded by the frozen stage-I image
-encoder. Resumable per mode (checkpoint after every epoch, including the momentum EMA);
-outputs are written atomically at the end.
+encoder. Resumable per mode (checkpoint after every epoch, including the momentum EMA).
+`<paths.stage2>` is replaced once, atomically, with every mode of the run: a run killed
+between two modes leaves the previous run whole, never adapters of two runs side by side
+(each `adapter.json` records its run id and params, which `evaluate` checks).
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ from pipeline.io import (
     fingerprint,
     load_checkpoint,
     save_checkpoint,
-    write_csv,
+    write_history,
     write_json,
 )
 from pipeline.params import Params
-from pipeline.schema import to_plain
+from pipeline.schema import ParamsError, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,9 @@ class _Inputs:
 def run(params: Params) -> None:
     p, paths = params.stage2, params.paths
     device = resolve_device(params.base.device)
-    precision = resolve_precision(p.precision, device)
     manifest = load_manifest(paths.shards)
     emb = open_embeddings(paths.embeddings)
+    precision = _encoder_precision(p.precision, emb.precision, device, paths.embeddings)
     store = ImageStore(paths.image_store)
     train = emb.split("train")
     digest = model_digest(paths.stage1)
@@ -106,7 +108,7 @@ def run(params: Params) -> None:
         run_digest=fingerprint(code_digest(), digest),
     )
 
-    results, history = {}, []
+    results, history, trained = {}, [], {}
     for mode in p.modes:
         trainer, rows, trace = _train_mode(mode, params, inputs)
         results[mode] = {k: rows[-1][f"{eval_split}_{k}"] for k in METRIC_KEYS}
@@ -114,12 +116,47 @@ def run(params: Params) -> None:
         results[mode]["reencoded_fraction"] = float(
             np.mean([r["reencoded_fraction"] for r in rows])
         )
-        _write_mode(paths.stage2, mode, trainer, trace, train, p)
-    write_json(paths.metrics / "stage2.json", {"split": eval_split, **results})
-    write_csv(paths.plots / "stage2.csv", history)
+        adapter = trainer.adapter
+        state = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+        trained[mode] = (state, adapter.config(), trace)
+    record = {
+        "run": fingerprint(inputs.run_digest, to_plain(p), params.base.seed, precision),
+        "seed": params.base.seed,
+        "params": to_plain(p),
+    }
+    with atomic_dir(paths.stage2) as tmp:  # every mode of this run, or the previous run's
+        for mode, (state, config, trace) in trained.items():
+            _write_mode(tmp / mode, mode, state, config, trace, train, record)
+    write_json(paths.metrics / "stage2.json", {"stage2": {"split": eval_split, **results}})
+    write_history(
+        paths.plots / "stage2.csv", paths.logs / "stage2_timings.csv", history, ("mode", "epoch")
+    )
     log.info(
         "wrote %s, %s, %s", paths.stage2, paths.metrics / "stage2.json", paths.plots / "stage2.csv"
     )
+
+
+def _encoder_precision(asked: str, exported: str | None, device, store) -> str:
+    """The frozen encoder's precision: the export's, so that a clean view re-encoded equals its
+    cached row. `auto` follows the export; an explicit other value is refused."""
+    precision = resolve_precision(exported if asked == "auto" and exported else asked, device)
+    if exported is None or precision == exported:
+        return precision
+    if asked != "auto":
+        raise ParamsError(
+            f"stage2.precision: {asked} ({precision} on {device}), but {store} was exported in "
+            f"{exported} (export.precision); re-encoded views would not match the cached ones: "
+            "set both alike, or stage2.precision: auto"
+        )
+    log.warning(
+        "%s was exported in %s, which %s cannot run: re-encoding in %s, so re-encoded views "
+        "differ from the cache in the last bits",
+        store,
+        exported,
+        device,
+        precision,
+    )
+    return precision
 
 
 def _check_caches(params: Params, emb, train, store: ImageStore, manifest, digest: str) -> None:
@@ -249,27 +286,23 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
     return trainer, rows, trace
 
 
-def _write_mode(root, mode, trainer, trace, train, p) -> None:
-    with atomic_dir(root / mode) as tmp:
-        adapter = trainer.adapter
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()},
-            str(tmp / ADAPTER_WEIGHTS),
+def _write_mode(out, mode, state, config, trace, train, record) -> None:
+    """One mode's adapter, its config with the run `record`, and its momentum trace."""
+    out.mkdir()
+    save_file(state, str(out / ADAPTER_WEIGHTS))
+    (out / ADAPTER_CONFIG).write_text(
+        json.dumps({"adapter": config, "mode": mode, **record}, indent=2) + "\n"
+    )
+    with h5py.File(out / "momentum_trace.h5", "w") as f:
+        f.create_dataset("Lm", data=np.stack(trace["Lm"]), compression="gzip")
+        f.create_dataset("M", data=np.stack(trace["M"]), compression="gzip")
+        f.create_dataset("labels", data=np.asarray(train.labels))
+        f.create_dataset(
+            "keys",
+            data=np.asarray([str(k) for k in train.keys], dtype=object),
+            dtype=h5py.string_dtype(),
         )
-        (tmp / ADAPTER_CONFIG).write_text(
-            json.dumps({"adapter": adapter.config(), "mode": mode, "params": to_plain(p)}, indent=2)
-            + "\n"
+        f.attrs["description"] = (
+            "per-sample momentum loss Lm (eq. 8) and memorisation "
+            "score M (eq. 9) after each epoch; rows are epochs"
         )
-        with h5py.File(tmp / "momentum_trace.h5", "w") as f:
-            f.create_dataset("Lm", data=np.stack(trace["Lm"]), compression="gzip")
-            f.create_dataset("M", data=np.stack(trace["M"]), compression="gzip")
-            f.create_dataset("labels", data=np.asarray(train.labels))
-            f.create_dataset(
-                "keys",
-                data=np.asarray([str(k) for k in train.keys], dtype=object),
-                dtype=h5py.string_dtype(),
-            )
-            f.attrs["description"] = (
-                "per-sample momentum loss Lm (eq. 8) and memorisation "
-                "score M (eq. 9) after each epoch; rows are epochs"
-            )

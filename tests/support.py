@@ -54,6 +54,7 @@ ARTIFACTS = {
     "metrics": "metrics",
     "plots": "plots",
     "reports": "reports",
+    "logs": "logs",
 }
 
 

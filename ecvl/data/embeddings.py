@@ -414,6 +414,12 @@ class Embeddings:
         return int(self.attrs["embed_dim"])
 
     @property
+    def precision(self) -> str | None:
+        """The resolved encoder precision of the export (None for stores that predate it)."""
+        value = self.attrs.get("precision")
+        return None if value is None else str(value)
+
+    @property
     def num_classes(self) -> int:
         return int(self.attrs["num_classes"])
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ecvl.data.sources import IMAGE_EXTENSIONS, Split
+from ecvl.data.sources import PIL_FORMATS, Split
 from ecvl.errors import DataError, EcvlError
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,32 @@ class SplitShards:
         }
 
 
+def open_image(data: bytes, ext: str) -> Image.Image:
+    """Open encoded bytes with the one PIL decoder their extension names (by content, not by
+    name: a `.png` holding TIFF, GIF or EPS bytes is refused, never handed to that plugin).
+
+    Raises:
+        ValueError: an extension outside the allow-list, or bytes that are not such an image;
+            the message never carries PIL's `<_io.BytesIO ...>` repr.
+    """
+    fmt = PIL_FORMATS.get(ext.lower())
+    if fmt is None:
+        raise ValueError(f"unsupported image format {ext!r} (allowed: {', '.join(PIL_FORMATS)})")
+    try:
+        return Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"not a readable {fmt} image (starts with {bytes(data[:8])!r})") from None
+    except Exception as e:  # PIL raises many types for broken headers
+        raise ValueError(f"cannot decode {fmt} image: {e}") from None
+
+
 def check_image(data: bytes, ext: str) -> None:
     """Raise ValueError unless `data` is a fully decodable image in an allowed format."""
-    if ext not in IMAGE_EXTENSIONS and ext != "jpg":
-        raise ValueError(f"unsupported image format {ext!r}")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
+    with open_image(data, ext) as im:
+        try:
             im.load()
-    except Exception as e:  # PIL raises many types for broken files
-        raise ValueError(f"cannot decode image: {e}") from None
+        except Exception as e:  # truncated or corrupt pixel data
+            raise ValueError(f"cannot decode {im.format} image: {e}") from None
 
 
 def write_split_shards(
@@ -96,7 +114,7 @@ def write_split_shards(
                 data, ext = split.image_bytes(i)
                 check_image(data, ext)
             except (ValueError, EcvlError) as e:
-                result.bad.append({"key": key, "error": str(e)})
+                result.bad.append({"key": key, "source": split.describe(i), "error": str(e)})
                 continue
             meta = {"key": key, "label": label, "class": classes[label]}
             sink.write(
@@ -122,8 +140,8 @@ def write_split_shards(
             first = result.bad[0]
             raise DataError(
                 f"{split_name}: {len(result.bad)} of {total} images are unreadable "
-                f"(more than max_bad_fraction={max_bad_fraction}); first: {first['key']}: "
-                f"{first['error']}"
+                f"(more than shard.max_bad_fraction={max_bad_fraction}); first: "
+                f"{first['source']}: {first['error']}"
             )
     return result
 
@@ -187,11 +205,12 @@ def write_manifest(out_dir: Path, data: dict) -> None:
 
 
 def load_manifest(shard_dir: Path | str) -> Manifest:
-    """Read and check a shard directory's manifest.
+    """Read and check a shard directory's manifest, and every shard against its count.
 
     Raises:
-        DataError: the directory, manifest or a listed shard is missing, or the format is
-            not one this version reads.
+        DataError: the directory, manifest or a listed shard is missing, a shard holds another
+            number of samples than listed (truncated), or the format is not one this version
+            reads.
     """
     root = Path(shard_dir)
     path = root / MANIFEST
@@ -205,7 +224,33 @@ def load_manifest(shard_dir: Path | str) -> Manifest:
         raise DataError(f"{path}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     manifest = Manifest(root, data)
     for split in manifest.splits:
-        for shard in manifest.shard_paths(split):
+        for shard, expected in zip(
+            manifest.shard_paths(split), manifest.shard_counts(split), strict=True
+        ):
             if not Path(shard).is_file():
                 raise DataError(f"{path}: listed shard is missing: {shard}")
+            found = count_samples(shard)
+            if found != expected:
+                raise DataError(
+                    f"{shard}: {found} sample(s), but {MANIFEST} lists {expected} "
+                    "(truncated or replaced; re-run `ecvl shard`)"
+                )
     return manifest
+
+
+def count_samples(shard: Path | str) -> int:
+    """Complete samples (`.cls` members) in a tar, reading headers only (seeks over data).
+
+    A tar cut short counts the samples before the cut, a file that is not a tar none.
+    webdataset itself stops silently at a truncated tar, so a stage that trusted it would
+    train on part of the data; every stage checks the counts before reading.
+    """
+    n = 0
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".cls"):
+                    n += 1
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return n

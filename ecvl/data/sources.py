@@ -13,7 +13,7 @@ import io
 import logging
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
+# The PIL decoder each extension may use: bytes are opened only with the format their name
+# promises, so a `.png` holding TIFF, GIF or EPS (PIL's Ghostscript plugin) is refused.
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "bmp": "BMP"}
+GENERIC_TEMPLATES = ("a photo of a {}.",)
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -60,6 +64,10 @@ class Split:
             paths=None if self.paths is None else [self.paths[i] for i in idx],
         )
 
+    def describe(self, i: int) -> str:
+        """Where sample `i` comes from, for messages: its file, else its key."""
+        return str(self.paths[i]) if self.paths is not None else self.keys[i]
+
     def image_bytes(self, i: int) -> tuple[bytes, str]:
         """The encoded image and its extension: the file's own bytes, or a PNG of the array."""
         if self.paths is not None:
@@ -84,6 +92,11 @@ class LoadedSource:
         check_classes(self.classes, where="class names")
         for name, split in self.splits.items():
             check_labels(split.labels, len(self.classes), where=f"{name} split")
+
+
+def default_prompt_templates(source: object) -> tuple[str, ...]:
+    """The eval prompt templates a source's images suit (`GENERIC_TEMPLATES` unless it says)."""
+    return tuple(getattr(source, "prompt_templates", GENERIC_TEMPLATES))
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -147,7 +160,13 @@ class DigitsSource:
     """
 
     name: ClassVar[str] = "digits"
-    image_size: int = 32
+    # "number" prompts fit these images only: other sources default to GENERIC_TEMPLATES
+    prompt_templates: ClassVar[tuple[str, ...]] = (
+        "a photo of a {}.",
+        "a photo of the number {}.",
+        "a picture of a {}.",
+    )
+    image_size: int = field(default=32, metadata={"ge": 8, "le": 1024})
 
     def load(self) -> LoadedSource:
         from sklearn.datasets import load_digits
@@ -434,7 +453,8 @@ class PlacesLTSource(ListSource):
 @dataclass(frozen=True)
 class ImageFolderSource:
     """A folder per class: `root/<split>/<class>/*.jpg`, or `root/<class>/*.jpg` (train only).
-    Class names are the train folder names, underscores read as spaces in prompts."""
+    Class names are the train folder names, underscores read as spaces in prompts. Hidden
+    entries (`.ipynb_checkpoints/`, `.DS_Store`, ...) are tools' files, never classes or images."""
 
     name: ClassVar[str] = "imagefolder"
     root: Path = Path(".")
@@ -444,18 +464,22 @@ class ImageFolderSource:
         split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
         if "train" not in split_dirs:
             split_dirs = {"train": root}
-        classes = tuple(sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir()))
+        classes = tuple(sorted(d.name for d in _visible_dirs(split_dirs["train"])))
         if not classes:
             raise DataError(f"{split_dirs['train']}: no class folders")
         index = {c: i for i, c in enumerate(classes)}
         splits = {}
         for split_name, split_dir in split_dirs.items():
             paths, labels = [], []
-            for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+            for class_dir in sorted(_visible_dirs(split_dir)):
                 if class_dir.name not in index:
                     raise DataError(f"{class_dir}: class folder not present in the train split")
                 for f in sorted(class_dir.iterdir()):
-                    if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                    if (
+                        _visible(f)
+                        and f.is_file()
+                        and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                    ):
                         paths.append(f)
                         labels.append(index[class_dir.name])
             if not paths:
@@ -464,6 +488,14 @@ class ImageFolderSource:
                 )
             splits[split_name] = _file_split(paths, np.asarray(labels), root, where=str(split_dir))
         return LoadedSource(classes, splits)
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return [d for d in folder.iterdir() if _visible(d) and d.is_dir()]
 
 
 SOURCES: dict[str, type] = {

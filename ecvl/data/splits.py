@@ -96,6 +96,7 @@ def carve_splits(
         test = pool.subset(idx)
         pool = pool.subset(_complement(len(pool), idx))
         notes.append(f"test: {plan.test_per_class} per class held out of the source's train split")
+        _check_left_for_train(source, pool, plan.test_per_class)
 
     pool_counts = np.bincount(pool.labels, minlength=k)
     profile = None
@@ -114,6 +115,16 @@ def carve_splits(
     if val is None and plan.val_per_class > 0:
         idx = balanced_subset(leftover.labels, plan.val_per_class, k, _rng(plan.seed, "val"))
         val = leftover.subset(idx)
+        if len(val) == 0:
+            why = (
+                "imbalance_factor is null, so train keeps every image"
+                if plan.imbalance_factor is None
+                else "the long tail kept every image"
+            )
+            raise DataError(
+                f"val_per_class={plan.val_per_class}: no image is left for a val split ({why}); "
+                "give the source a val split or set val_per_class: 0"
+            )
         short = np.flatnonzero(np.bincount(val.labels, minlength=k) < plan.val_per_class)
         if len(short):
             msg = (
@@ -135,6 +146,22 @@ def carve_splits(
     if test is not None:
         splits["test"] = test
     return CarvedSplits(source.classes, splits, counts, profile, notes)
+
+
+def _check_left_for_train(source: LoadedSource, pool: Split, test_per_class: int) -> None:
+    """Name the test hold-out when it took every image of a class (else the only message is a
+    class without train samples, which does not say where they went)."""
+    k = len(source.classes)
+    left = np.bincount(pool.labels, minlength=k)
+    emptied = [c for c in range(k) if left[c] == 0]
+    if emptied:
+        total = np.bincount(source.splits["train"].labels, minlength=k)
+        c = emptied[0]
+        raise DataError(
+            f"test_per_class={test_per_class} held out every image of {len(emptied)} class(es) "
+            f"for the test split (e.g. {source.classes[c]!r} has {int(total[c])}): none left to "
+            "train on; lower test_per_class or give the source a test split"
+        )
 
 
 def check_train_counts(counts: list[int], classes: tuple[str, ...]) -> None:

@@ -188,3 +188,28 @@ def test_half_precision_features_give_float32_losses(batch):
 def test_bad_arguments_raise(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_losses_stay_float32_under_autocast(dtype):
+    """Under autocast a `.float()` input is cast back to low precision by the next matmul; at
+    logit scale 100 bf16 logits are quantised to steps of 0.5 and the loss moves visibly."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(64, 32, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(10, 32, generator=g), dim=-1)
+    labels = torch.randint(0, 10, (64,), generator=g)
+    scale = torch.tensor(4.6)  # exp(4.6) ~ 100
+    plain = [
+        image_to_text_loss(img, txt, labels, scale),
+        text_to_image_loss(img, txt, labels, scale),
+        two_view_contrastive_loss(img[:32], img[32:], 0.1),
+    ]
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = [
+            image_to_text_loss(img, txt, labels, scale),
+            text_to_image_loss(img, txt, labels, scale),
+            two_view_contrastive_loss(img[:32], img[32:], 0.1),
+        ]
+    for a, b in zip(plain, mixed, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -1,5 +1,6 @@
 """`dvc repro` in a temporary git repo: the way users run the pipeline."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,12 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def _sh(cwd, *cmd):
     bindir = str(Path(sys.executable).parent)
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(cwd), "DVC_NO_ANALYTICS": "1"}
+    env["PYTHONPATH"] = str(cwd)  # `ecvl` runs the repo's copy of the code, not an install
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
 
 
 @pytest.fixture
 def repo(tmp_path):
-    for name in ("dvc.yaml", "params.yaml", "pyproject.toml"):
+    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", "data/raw/README.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     for pkg in ("ecvl", "pipeline"):
         shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -28,7 +31,23 @@ def repo(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _sh(tmp_path, "git", "init", "-q").returncode == 0
     assert _sh(tmp_path, "dvc", "init", "-q").returncode == 0
+    shutil.copytree(ROOT / ".dvc/plots", tmp_path / ".dvc/plots")
     return tmp_path
+
+
+def test_plots_show_draws_one_line_per_stage2_mode_and_its_output_is_ignored(repo):
+    (repo / "plots").mkdir()
+    (repo / "plots/stage2.csv").write_text(
+        "mode,epoch,val_few_acc\nballad,1,0.1\nballad,2,0.2\necvl,1,0.3\necvl,2,0.4\n"
+    )
+    _git_commit(repo, "plots")
+    shown = _sh(repo, "dvc", "plots", "show", "--json", "plots/stage2.csv")
+    assert shown.returncode == 0, shown.stderr
+    spec = json.loads(shown.stdout)["data"]["plots/stage2.csv"][0]["content"]
+    assert spec["encoding"]["color"]["field"] == "mode"  # not one line through all modes
+    assert _sh(repo, "dvc", "plots", "show", "plots/stage2.csv").returncode == 0
+    assert (repo / "dvc_plots/index.html").is_file()
+    assert _sh(repo, "git", "status", "--porcelain").stdout == ""  # dvc_plots/ is ignored
 
 
 @pytest.mark.slow
@@ -78,6 +97,11 @@ def test_dvc_whole_pipeline_caching_and_metrics_diff(repo):
 
     again = _sh(repo, "dvc", "repro")
     assert again.returncode == 0 and _ran(again.stdout) == []
+    # every stage again: identical outputs, so dvc.lock, plots and reports stay as committed
+    forced = _sh(repo, "dvc", "repro", "-f")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert _sh(repo, "git", "status", "--porcelain").stdout == ""
+    assert (repo / "logs/stage1_timings.csv").is_file()  # timings went where git ignores them
 
     params["stage2"]["lambda"] = 0.5
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))

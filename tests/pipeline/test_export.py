@@ -10,6 +10,7 @@ from ecvl.data.embeddings import open_embeddings
 from ecvl.data.image_store import ImageStore
 from ecvl.data.reader import iter_samples
 from ecvl.data.shards import load_manifest
+from ecvl.data.sources import DigitsSource
 from ecvl.models.clip import create_model
 from ecvl.text import class_text_features
 from pipeline.cli import main
@@ -66,9 +67,10 @@ def test_features_equal_direct_encoding(exported, upstream):
             data.features[:64].astype(np.float32), direct, rtol=2e-3, atol=2e-3
         )
     with torch.no_grad():
-        text = class_text_features(model, bundle.tokenizer, manifest.classes, ["a photo of a {}."])
+        templates = DigitsSource.prompt_templates  # `prompts.eval_templates: null`: the source's
+        text = class_text_features(model, bundle.tokenizer, manifest.classes, templates)
     np.testing.assert_allclose(emb.text_features(), text.numpy(), atol=1e-6)
-    assert emb.attrs["templates"] == ["a photo of a {}."]
+    assert emb.attrs["templates"] == list(templates)
     assert emb.model_name == "ecvl-tiny-vit" and len(emb.checkpoint_digest) == 64
 
 
@@ -138,3 +140,41 @@ def test_model_with_other_embedding_dim(tmp_path, upstream):
     model = edited_model_copy(upstream, tmp_path, lambda info: info.update(embed_dim=128))
     result = _invoke("export", _params(tmp_path, upstream, model=model))
     assert result.exit_code == 1 and "embedding dim 64" in result.output
+
+
+def _torchrun_env(monkeypatch, rank: int, world: int = 2) -> None:
+    for key, value in {
+        "RANK": rank,
+        "WORLD_SIZE": world,
+        "LOCAL_RANK": rank,
+        "LOCAL_WORLD_SIZE": world,
+    }.items():
+        monkeypatch.setenv(key, str(value))
+
+
+def test_under_torchrun_only_rank_zero_writes_the_same_stores(
+    tmp_path, upstream, exported, monkeypatch
+):
+    """Every rank used to encode everything into the same `.partial` stores."""
+    _torchrun_env(monkeypatch, rank=1)
+    result = _invoke("export", _params(tmp_path, upstream))
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "data").exists()  # rank 1: nothing written, nothing half-written
+
+    _torchrun_env(monkeypatch, rank=0)
+    result = _invoke("export", _params(tmp_path, upstream))
+    assert result.exit_code == 0, result.output
+    mine, single = (
+        open_embeddings(tmp_path / "data/embeddings.zarr"),
+        open_embeddings(exported / "data/embeddings.zarr"),
+    )
+    for split in single.splits:
+        np.testing.assert_array_equal(mine.split(split).features, single.split(split).features)
+        assert list(mine.split(split).keys) == list(single.split(split).keys)
+    assert list(ImageStore(tmp_path / "data/train_images.h5").keys) == list(
+        ImageStore(exported / "data/train_images.h5").keys
+    )
+
+
+def test_the_export_records_its_resolved_precision(exported):
+    assert open_embeddings(exported / "data/embeddings.zarr").precision == "fp32"

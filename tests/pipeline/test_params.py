@@ -5,7 +5,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
 from support import write_params
 
 
@@ -84,3 +84,46 @@ def test_defaults_file_is_valid_and_frozen(tmp_path):
     assert params.shard.source.name == "digits"
     with pytest.raises(AttributeError):
         params.base.seed = 3  # frozen
+
+
+def _numeric_fields(cls, prefix=""):
+    import dataclasses
+    import typing
+
+    from ecvl.data.sources import SOURCES
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.metadata.get('key', f.name)}"
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, f"{key}.")
+        elif f.name in ("source", "test_source"):
+            for source in SOURCES.values():
+                yield from _numeric_fields(source, f"{key}({source.name}).")
+        elif {int, float} & ({tp} | set(typing.get_args(tp))):
+            yield key, f.metadata
+
+
+def test_every_numeric_param_has_both_bounds():
+    """A typo (an extra zero, `.inf`) must stop at validation: no number is unbounded."""
+    fields = dict(_numeric_fields(Params))
+    assert len(fields) >= 40  # the walk saw every section
+    unbounded = [k for k, m in fields.items() if m.get("le") is None and m.get("lt") is None]
+    no_floor = [k for k, m in fields.items() if m.get("ge") is None and m.get("gt") is None]
+    assert unbounded == [] and no_floor == []
+
+
+def test_eval_prompts_default_to_the_sources_own(tmp_path):
+    """The digits template "a photo of the number {}." must not follow a user to their data."""
+    data = yaml.safe_load(open("params.yaml").read())  # the shipped file, as a user copies it
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert "a photo of the number {}." in load_params(path).prompts.eval_templates  # digits
+    (tmp_path / "imgs").mkdir()
+    data["shard"]["source"] = {"name": "imagefolder", "root": str(tmp_path / "imgs")}
+    path.write_text(yaml.safe_dump(data))
+    templates = load_params(path).prompts.eval_templates
+    assert templates and not any("number" in t for t in templates)
+    data["prompts"]["eval_templates"] = ["a {} here."]  # an explicit list always wins
+    path.write_text(yaml.safe_dump(data))
+    assert load_params(path).prompts.eval_templates == ("a {} here.",)

@@ -41,11 +41,17 @@ def _params(tmp_path, shards, **stage1):
 def test_stage1_writes_model_metrics_and_plots(tmp_path, shards):
     result = _invoke("stage1", _params(tmp_path, shards))
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "metrics/stage1.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/stage1.json").read_text())["stage1"]
     assert metrics["split"] == "val" and metrics["epochs"] == 2
     assert {"all_acc", "many_acc", "medium_acc", "few_acc", "macro_f1"} <= set(metrics)
     rows = (tmp_path / "plots/stage1.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,loss,") and len(rows) == 3
+    # wall-clock columns would change dvc.lock on every identical run: they go to logs/
+    assert "seconds" not in rows[0] and "images_per_s" not in rows[0]
+    timings = (tmp_path / "logs/stage1_timings.csv").read_text().splitlines()
+    assert timings[0] == "epoch,images_per_s,seconds" and len(timings) == 3
+    weights = tmp_path / "models/stage1/open_clip_model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not safetensors' private 0600
     info = json.loads((tmp_path / "models/stage1/ecvl.json").read_text())
     assert info["model"] == "ecvl-tiny-vit" and info["classes"][0] == "zero"
 
@@ -179,7 +185,7 @@ def test_ddp_two_cpu_processes_train_and_write_once(tmp_path, shards):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("wrote ") == 1  # only rank 0 writes
     metrics = json.loads((tmp_path / "metrics/stage1.json").read_text())
-    assert metrics["epochs"] == 1
+    assert metrics["stage1"]["epochs"] == 1
     assert (tmp_path / "models/stage1/open_clip_model.safetensors").is_file()
 
 
@@ -230,3 +236,11 @@ def test_checkpoint_from_other_code_is_not_reused(tmp_path, shards, caplog, monk
     monkeypatch.setattr(pipeline.stage1, "code_digest", lambda: "edited code")
     assert _invoke("stage1", params).exit_code == 0
     assert "from other params or data; starting over" in caplog.text
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

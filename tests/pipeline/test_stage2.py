@@ -42,7 +42,7 @@ def _params(tmp_path, upstream, paths=None, **stage2):
 def test_all_modes_write_adapters_metrics_plots_and_trace(tmp_path, upstream):
     result = _invoke("stage2", _params(tmp_path, upstream))
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "metrics/stage2.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/stage2.json").read_text())["stage2"]
     assert metrics["split"] == "val"
     modes = ("linear_probe", "ballad", "contrast_standard", "ecvl")
     for mode in modes:
@@ -145,3 +145,17 @@ def test_resume_after_kill_equals_straight_run(tmp_path, upstream, monkeypatch):
     assert (straight / "metrics/stage2.json").read_text() == (
         resumed / "metrics/stage2.json"
     ).read_text()
+
+
+def test_encoder_precision_follows_the_export_or_is_refused(caplog):
+    from pipeline.schema import ParamsError
+    from pipeline.stage2 import _encoder_precision
+
+    cpu = torch.device("cpu")
+    assert _encoder_precision("auto", "fp32", cpu, "e.zarr") == "fp32"
+    assert _encoder_precision("auto", None, cpu, "e.zarr") == "fp32"  # an older store
+    with pytest.raises(ParamsError, match=r"stage2.precision: fp32 .* exported in bf16"):
+        _encoder_precision("fp32", "bf16", cpu, "e.zarr")
+    caplog.set_level("WARNING")
+    assert _encoder_precision("auto", "bf16", cpu, "e.zarr") == "fp32"  # GPU export, CPU stage II
+    assert "exported in bf16" in caplog.text

@@ -119,12 +119,16 @@ def test_corrupt_image_is_skipped_and_listed(tmp_path):
         split, "train", ("x", "y"), tmp_path / "out", max_bad_fraction=0.2, progress=False
     )
     assert res.count == 9 and len(res.bad) == 1
-    assert res.bad[0]["key"] == "bad0" and "cannot decode" in res.bad[0]["error"]
+    assert res.bad[0]["key"] == "bad0" and "not a readable JPEG image" in res.bad[0]["error"]
+    assert res.bad[0]["source"].endswith("bad0.jpg")  # the file, for the user to find
 
 
 def test_too_many_corrupt_images_fail(tmp_path):
     split = _corrupt_list_source(tmp_path, n_good=3, n_bad=2)
-    with pytest.raises(DataError, match=r"train: 2 of 5 images are unreadable .*first: bad0"):
+    with pytest.raises(
+        DataError,
+        match=r"train: 2 of 5 images are unreadable .*first: \S+/bad0\.jpg: not a readable JPEG",
+    ):
         write_split_shards(
             split, "train", ("x", "y"), tmp_path / "out", max_bad_fraction=0.2, progress=False
         )
