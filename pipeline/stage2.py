@@ -119,8 +119,10 @@ def run(params: Params) -> None:
         adapter = trainer.adapter
         state = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
         trained[mode] = (state, adapter.config(), trace)
+    # What the run trained from and with (not the code digest: the adapters' files, and so their
+    # DVC hash, must not change when unrelated code is edited).
     record = {
-        "run": fingerprint(inputs.run_digest, to_plain(p), params.base.seed, precision),
+        "run": fingerprint(digest, to_plain(p), params.base.seed, precision),
         "seed": params.base.seed,
         "params": to_plain(p),
     }
