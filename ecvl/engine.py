@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ecvl.errors import TrainingError
 from ecvl.losses import stage1_loss
+from ecvl.text import encode_class_prompts
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class _ClipForward(nn.Module):
     """Routes both towers through one `forward`, so DDP sees (and syncs) every gradient.
 
-    With `text_batch_size`, the K×T class prompts go through the text tower in chunks under
-    activation checkpointing: the eq. 4 loss needs every class at every step, and keeping the
-    text activations of all prompts (K = 1,000 for ImageNet-LT) would take 15-20 GB.
+    `text_batch_size`: prompts per checkpointed text-tower call (`encode_class_prompts`); the
+    eq. 4 loss needs every class at every step.
     """
 
     def __init__(self, model: nn.Module, text_batch_size: int | None = None):
@@ -132,21 +131,9 @@ class _ClipForward(nn.Module):
         self.model = model
         self.text_batch_size = text_batch_size
 
-    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        chunk = self.text_batch_size
-        if chunk is None or tokens.shape[0] <= chunk or not torch.is_grad_enabled():
-            return self.model.encode_text(tokens, normalize=True)
-        parts = [
-            checkpoint(self.model.encode_text, part, True, use_reentrant=False)
-            for part in tokens.split(chunk)
-        ]
-        return torch.cat(parts)
-
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple:
-        k, t, length = tokens.shape
         image_features = self.model.encode_image(images, normalize=True)
-        text = self._encode_text(tokens.reshape(k * t, length))
-        text_features = F.normalize(text.reshape(k, t, -1).mean(dim=1), dim=-1)
+        text_features = encode_class_prompts(self.model, tokens, self.text_batch_size)
         return image_features, text_features, self.model.logit_scale
 
 

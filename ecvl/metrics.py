@@ -170,7 +170,7 @@ def classification_report(
 
 
 def to_jsonable(obj: Any) -> Any:
-    """`obj` with NaN/inf floats as None and numpy scalars/arrays as Python values.
+    """`obj` with NaN/inf floats as None and numpy/torch scalars and arrays as Python values.
 
     `json.dumps` would otherwise write ``NaN``, which is not JSON and breaks `dvc metrics`.
     """
@@ -180,8 +180,10 @@ def to_jsonable(obj: Any) -> Any:
         return to_jsonable(obj.tolist())
     if isinstance(obj, list | tuple):
         return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
+    if isinstance(obj, np.generic) or (
+        callable(getattr(obj, "item", None)) and hasattr(obj, "dim")
+    ):
+        obj = obj.item()  # numpy scalar, or a one-element torch tensor
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj

@@ -1,9 +1,9 @@
 """Class text embeddings from prompt templates (CLIP's zero-shot classifier recipe).
 
-Each class c gets `u_c = normalise(mean_t normalise(L(template_t.format(name_c))))`. Stage I
-trains the text tower, so the same computation exists twice: `class_text_features` for
-evaluation (chunked, follows the caller's grad mode) and `encode_class_prompts` on tokens
-prepared once by `tokenize_prompts`, for a differentiable training step.
+Each class c gets `u_c = normalise(mean_t normalise(L(template_t.format(name_c))))`, computed
+in one place, `encode_class_prompts`: on tokens prepared once by `tokenize_prompts` for stage I's
+differentiable training step, and through `class_text_features` (names in, no grad) for
+evaluation and export.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ecvl.errors import DataError
 
@@ -82,16 +83,24 @@ def tokenize_prompts(
     return tokens.reshape(len(prompts), len(templates), -1)
 
 
-def encode_class_prompts(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Class embeddings from pre-tokenised prompts, differentiable.
+def encode_class_prompts(
+    model: nn.Module, tokens: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
+    """Class embeddings from pre-tokenised prompts; differentiable when grad is enabled.
+
+    The one place class prompts go through the text tower: stage I's training step, and
+    `class_text_features` for evaluation and export.
 
     Args:
         model: an open_clip model.
         tokens: (K, T, L) from `tokenize_prompts`, or (K, L) for one template.
+        batch_size: prompts per text-tower call, rounded down to whole classes (at least one);
+            None = all at once. With grad enabled each call is activation-checkpointed, so only
+            one chunk's activations are kept (K = 1,000 classes would need 15-20 GB at once).
 
     Returns:
         (K, d): per class, the mean of its L2-normalised prompt embeddings, L2-normalised
-        again. Carries gradients when grad is enabled.
+        again.
     """
     if tokens.dim() == 2:
         tokens = tokens.unsqueeze(1)
@@ -99,8 +108,21 @@ def encode_class_prompts(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor
         raise ValueError(f"expected tokens of shape (K, T, L), got {tuple(tokens.shape)}")
     k, t, length = tokens.shape
     device = next(model.parameters()).device
-    feats = model.encode_text(tokens.reshape(k * t, length).to(device), normalize=True)
-    return F.normalize(feats.reshape(k, t, -1).mean(dim=1), dim=-1)
+    per_chunk = k if batch_size is None else max(1, batch_size // t)
+
+    def encode(chunk: torch.Tensor) -> torch.Tensor:
+        feats = model.encode_text(chunk.reshape(-1, length).to(device), normalize=True)
+        return F.normalize(feats.reshape(chunk.shape[0], t, -1).mean(dim=1), dim=-1)
+
+    if per_chunk >= k:
+        return encode(tokens)
+    checkpointed = torch.is_grad_enabled()
+    return torch.cat(
+        [
+            checkpoint(encode, chunk, use_reentrant=False) if checkpointed else encode(chunk)
+            for chunk in tokens.split(per_chunk)
+        ]
+    )
 
 
 def class_text_features(
@@ -133,11 +155,6 @@ def class_text_features(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tokens = tokenize_prompts(tokenizer, classnames, templates)
-    per_chunk = max(1, batch_size // len(templates))
-    chunks = [
-        encode_class_prompts(model, tokens[start : start + per_chunk])
-        for start in range(0, tokens.shape[0], per_chunk)
-    ]
-    features = torch.cat(chunks)
+    features = encode_class_prompts(model, tokens, batch_size)
     logger.debug("encoded %d classes x %d templates", tokens.shape[0], len(templates))
     return features if device is None else features.to(device)

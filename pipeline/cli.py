@@ -20,8 +20,7 @@ from ecvl.errors import EcvlError
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_openmp_wait_policy
 from pipeline.schema import ParamsError
-
-STAGES = ("shard", "stage1", "export", "stage2", "evaluate", "package")
+from pipeline.stages import STAGES
 
 log = logging.getLogger("ecvl")
 

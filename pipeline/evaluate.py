@@ -113,10 +113,10 @@ def _zero_shot(params: Params, manifest, splits, device) -> dict[str, np.ndarray
             manifest.classes,
             params.prompts.eval_templates,
             manifest.class_groups,
-            device,
-            precision,
-            s1.eval_batch_size,  # images per batch; evaluate.batch_size counts cached rows
-            params.base.num_workers,
+            device=device,
+            precision=precision,
+            batch_size=s1.eval_batch_size,  # images; evaluate.batch_size counts cached rows
+            num_workers=params.base.num_workers,
         )[2]
         for split in splits
     }

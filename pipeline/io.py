@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ecvl.metrics import to_jsonable
 
 
 def _umask() -> int:
@@ -105,22 +106,10 @@ def replace(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _jsonable(obj.item())
-    return obj
-
-
 def write_json(path: Path | str, data: Any) -> None:
     """Atomically write `data` as indented JSON (NaN/inf become null)."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+        tmp.write_text(json.dumps(to_jsonable(data), indent=2) + "\n")
 
 
 def write_text(path: Path | str, text: str) -> None:
@@ -165,7 +154,7 @@ def fingerprint(*parts: Any) -> str:
     """A stable digest of JSON-able parts (params sections, upstream fingerprints)."""
     import hashlib
 
-    blob = json.dumps(_jsonable(list(parts)), sort_keys=True, default=str)
+    blob = json.dumps(to_jsonable(list(parts)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -192,7 +181,7 @@ def write_csv(path: Path | str, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _jsonable(v) for k, v in row.items()})
+            writer.writerow({k: to_jsonable(v) for k, v in row.items()})
 
 
 def code_digest() -> str:

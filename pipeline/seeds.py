@@ -27,10 +27,10 @@ from ecvl.metrics import SUMMARY_KEYS
 from pipeline.evaluate import ROW_NAMES
 from pipeline.io import write_json, write_text
 from pipeline.params import Params, PathsParams, load_params
+from pipeline.stages import TABLE_STAGES as STAGES
 
 log = logging.getLogger(__name__)
 
-STAGES = ("shard", "stage1", "export", "stage2", "evaluate")
 COLUMN_NAMES = {
     "many_acc": "Many",
     "medium_acc": "Medium",

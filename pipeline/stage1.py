@@ -169,11 +169,11 @@ def _evaluate(bundle, manifest, split, params: Params, device, precision, world)
         manifest.classes,
         params.prompts.eval_templates,
         manifest.class_groups,
-        device,
-        precision,
-        params.stage1.eval_batch_size,
-        params.base.num_workers,
-        world,
+        device=device,
+        precision=precision,
+        batch_size=params.stage1.eval_batch_size,
+        num_workers=params.base.num_workers,
+        world=world,
     )
     return report
 

@@ -199,6 +199,7 @@ def test_embedded_default_is_clearly_above_chance_on_test(tmp_path):
     from ecvl.engine import resolve_precision
     from ecvl.evaluation import evaluate_on_shards
     from ecvl.text import class_text_features
+    from pipeline.params import load_params
 
     defaults = yaml.safe_load((Path(__file__).parents[2] / "params.yaml").read_text())
     params = write_params(
@@ -210,7 +211,10 @@ def test_embedded_default_is_clearly_above_chance_on_test(tmp_path):
     bundle = create_model("ecvl-tiny-vit", pretrained=tmp_path / "models/stage1")
     with torch.no_grad():
         text = class_text_features(
-            bundle.model, bundle.tokenizer, manifest.classes, defaults["prompts"]["eval_templates"]
+            bundle.model,
+            bundle.tokenizer,
+            manifest.classes,
+            load_params(params).prompts.eval_templates,
         )
     device = torch.device("cpu")
     report, y_true, _ = evaluate_on_shards(
@@ -219,8 +223,8 @@ def test_embedded_default_is_clearly_above_chance_on_test(tmp_path):
         bundle.eval_transform,
         text,
         manifest.class_groups,
-        device,
-        resolve_precision("auto", device),
+        device=device,
+        precision=resolve_precision("auto", device),
     )
     assert len(y_true) == 400
     assert report["all_acc"] >= 0.5, report
