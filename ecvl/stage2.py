@@ -74,7 +74,8 @@ _PLAN_STREAM, _PIXEL_STREAM = 1, 2
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Stage2Config:
-    """Settings of stage II (DESIGN.md §1, "Stage II"); keyword-only.
+    """Settings of stage II (DESIGN.md §1, "Stage II"); keyword-only, every field required: the
+    defaults and bounds users see are params.yaml's, validated in `pipeline/params.py`.
 
     Attributes:
         epochs: number of epochs.
@@ -83,7 +84,7 @@ class Stage2Config:
         logit_scale: the stage-I model's fixed log inverse temperature
             (`1/tau = exp(logit_scale)`), a float.
         lr: AdamW learning rate (peak of the cosine schedule).
-        weight_decay: AdamW weight decay, on the adapter's matrix only (not its bias).
+        weight_decay: AdamW weight decay, on the head's matrix only (not its bias).
         warmup_steps: linear warm-up steps before the cosine decay.
         residual_ratio: lambda of eq. 7 (used when the trainer builds the adapter, and checked
             against an adapter passed in).
@@ -92,60 +93,37 @@ class Stage2Config:
         tau_dcvl: temperature of the two-view contrastive loss (eq. 11).
         w_dcvl: weight of the contrastive loss.
         sampler: "balanced" (eq. 12) or "instance".
-        draws_per_epoch: draws per epoch (default: N, the number of train samples).
+        draws_per_epoch: draws per epoch (None: N, the number of train samples).
         mode: "linear_probe", "ballad", "contrast_standard" or "ecvl" (see the module
             docstring).
-        seed: seeds the sampler, the view plans, the pixel randomness and a built adapter.
+        seed: seeds the sampler, the view plans, the pixel randomness and a built head.
     """
 
     epochs: int
     batch_size: int
     logit_scale: float
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 0
-    residual_ratio: float = 0.2
-    beta: float = 0.97
-    k: int = 2
-    tau_dcvl: float = 0.1
-    w_dcvl: float = 1.0
-    sampler: str = "balanced"
-    draws_per_epoch: int | None = None
-    mode: str = "ecvl"
-    seed: int = 0
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    residual_ratio: float
+    beta: float
+    k: int
+    tau_dcvl: float
+    w_dcvl: float
+    sampler: str
+    draws_per_epoch: int | None
+    mode: str
+    seed: int
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, value: Any, minimum: int = 1) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-        positive_int("epochs", self.epochs)
-        positive_int("batch_size", self.batch_size)
-        positive_int("warmup_steps", self.warmup_steps, 0)
-        positive_int("k", self.k, 0)
-        positive_int("seed", self.seed, 0)
-        if self.draws_per_epoch is not None:
-            positive_int("draws_per_epoch", self.draws_per_epoch)
         if self.mode not in MODES:
             raise ValueError(f"unknown stage-II mode {self.mode!r} (known: {', '.join(MODES)})")
         if self.sampler not in SAMPLERS:
             raise ValueError(
                 f"unknown sampler {self.sampler!r} (known: {', '.join(sorted(SAMPLERS))})"
             )
-        if not math.isfinite(self.logit_scale):
+        if not math.isfinite(self.logit_scale):  # read from the stage-I model, not a param
             raise ValueError(f"logit_scale must be finite, got {self.logit_scale}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not (0.0 <= self.residual_ratio <= 1.0):
-            raise ValueError(f"residual_ratio must be in [0, 1], got {self.residual_ratio}")
-        if not (0.0 <= self.beta <= 1.0):
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
-        if not self.tau_dcvl > 0:
-            raise ValueError(f"tau_dcvl must be > 0, got {self.tau_dcvl}")
-        if not self.w_dcvl >= 0:
-            raise ValueError(f"w_dcvl must be >= 0, got {self.w_dcvl}")
 
     @property
     def two_views(self) -> bool:
