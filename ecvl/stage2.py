@@ -132,29 +132,29 @@ class Stage2Config:
 
 
 class Stage2Trainer:
-    """Trains the residual adapter of stage II; one call of `train_epoch` per epoch.
+    """Trains the stage-II head (residual adapter, or linear probe); one `train_epoch` per epoch.
 
     Args:
-        adapter: the adapter to train (e.g. a `ResidualAdapter`), or None to build
+        head: the head to train (e.g. a `ResidualAdapter`), or None to build
             `ResidualAdapter(d, config.residual_ratio, seed=config.seed)` (a
             `LinearProbe(d, K)` in mode ``linear_probe``). Moved to `device`.
         text_features: (K, d) class text embeddings `u_c` (normalised again here), frozen.
         train_labels: (N,) class of every train sample, aligned with the encoder's cache.
         encoder: the `SelectiveEncoder` serving cached rows and re-encoded views.
         config: the settings.
-        device: where the adapter trains (the encoder's device is its own).
+        device: where the head trains (the encoder's device is its own).
         class_groups: optional group ("many", "medium", "few") of each class, for the
             per-group mean memorisation score in the epoch statistics.
 
     Raises:
         DataError: labels, cache, image store, text features or class groups disagree in
             size, or a label is out of range.
-        ValueError: an adapter whose `residual_ratio` differs from the config's.
+        ValueError: a head whose `residual_ratio` differs from the config's.
     """
 
     def __init__(
         self,
-        adapter: nn.Module | None,
+        head: nn.Module | None,
         text_features: np.ndarray | torch.Tensor,
         train_labels: Sequence[int] | np.ndarray | torch.Tensor,
         encoder: SelectiveEncoder,
@@ -217,16 +217,16 @@ class Stage2Trainer:
                 raise DataError(f"unknown class group(s) {unknown}; known: {list(GROUPS)}")
             self.class_groups = groups
 
-        if adapter is None and config.mode == "linear_probe":
-            adapter = LinearProbe(encoder.dim, self.num_classes, seed=config.seed)
-        elif adapter is None:
-            adapter = ResidualAdapter(encoder.dim, config.residual_ratio, seed=config.seed)
-        ratio = getattr(adapter, "residual_ratio", None)
+        if head is None and config.mode == "linear_probe":
+            head = LinearProbe(encoder.dim, self.num_classes)
+        elif head is None:
+            head = ResidualAdapter(encoder.dim, config.residual_ratio, seed=config.seed)
+        ratio = getattr(head, "residual_ratio", None)
         if ratio is not None and float(ratio) != config.residual_ratio:
             raise ValueError(
-                f"the adapter has residual_ratio {ratio}, the config says {config.residual_ratio}"
+                f"the head has residual_ratio {ratio}, the config says {config.residual_ratio}"
             )
-        self.adapter = adapter.to(self.device)
+        self.head = head.to(self.device)
 
         self.draws_per_epoch = config.draws_per_epoch or encoder.num_samples
         self.steps_per_epoch = -(-self.draws_per_epoch // config.batch_size)
@@ -237,8 +237,8 @@ class Stage2Trainer:
             seed=config.seed,
             num_classes=self.num_classes,
         )
-        decay = [p for p in self.adapter.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.adapter.parameters() if p.requires_grad and p.ndim < 2]
+        decay = [p for p in self.head.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.head.parameters() if p.requires_grad and p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": config.weight_decay},
@@ -300,7 +300,7 @@ class Stage2Trainer:
             raise TrainingError(f"stage II already trained all {cfg.epochs} epochs")
         epoch = self.epoch + 1
         start = time.perf_counter()
-        self.adapter.train()
+        self.head.train()
         self.sampler.set_epoch(epoch)
         order = self.sampler.indices()
         scores = None
@@ -389,9 +389,9 @@ class Stage2Trainer:
         cfg = self.config
         labels = self._labels[idx.to(self._labels.device)]
         if cfg.mode == "linear_probe":
-            cls = F.cross_entropy(self.adapter(features.to(self.device)), labels, reduction="none")
+            cls = F.cross_entropy(self.head(features.to(self.device)), labels, reduction="none")
             return cls, cls, torch.zeros_like(cls)
-        adapted = self.adapter(features.to(self.device))
+        adapted = self.head(features.to(self.device))
         v = F.normalize(adapted, dim=-1)
         if not cfg.two_views:
             cls = image_to_text_loss(
@@ -438,13 +438,13 @@ class Stage2Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs; plain tensors and Python values, so that
         `torch.load(..., weights_only=True)` reads it. Save it between epochs."""
-        adapter_config = getattr(self.adapter, "config", None)
+        head_config = getattr(self.head, "config", None)
         return {
             "format": STATE_FORMAT,
             "epoch": self.epoch,
             "config": dataclasses.asdict(self.config),
-            "adapter_config": adapter_config() if callable(adapter_config) else None,
-            "adapter": self.adapter.state_dict(),
+            "adapter_config": head_config() if callable(head_config) else None,
+            "adapter": self.head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "momentum": self.momentum.state_dict(),
@@ -472,7 +472,7 @@ class Stage2Trainer:
             raise TrainingError(
                 f"cannot resume stage II: the checkpoint was trained with other settings ({shown})"
             )
-        self.adapter.load_state_dict(state["adapter"])
+        self.head.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.momentum.load_state_dict(state["momentum"])
@@ -481,7 +481,7 @@ class Stage2Trainer:
 
 @torch.no_grad()
 def predict_cached(
-    adapter: nn.Module,
+    head: nn.Module,
     features: np.ndarray | torch.Tensor,
     text_features: np.ndarray | torch.Tensor,
     device: torch.device | str,
@@ -493,7 +493,7 @@ def predict_cached(
     those instead.
 
     Args:
-        adapter: the trained adapter (returns `f*`) or a head with `scores`; moved to `device`
+        head: the trained adapter (returns `f*`) or a head with `scores`; moved to `device`
             (heads are built on the CPU), its train/eval mode restored after.
         features: (N, d) cached, un-normalised image embeddings (float16 is fine).
         text_features: (K, d) class text embeddings (normalised here).
@@ -513,14 +513,14 @@ def predict_cached(
         else np.asarray(text_features)
     )
     text = F.normalize(text.float().to(device), dim=-1)
-    adapter = adapter.to(device)
-    was_training = adapter.training
-    adapter.eval()
+    head = head.to(device)
+    was_training = head.training
+    head.eval()
     out = []
     try:
         for a in range(0, feats.shape[0], batch_size):
             batch = feats[a : a + batch_size].to(device).float()
-            out.append(class_logits(adapter, batch, text).argmax(dim=1))
+            out.append(class_logits(head, batch, text).argmax(dim=1))
     finally:
-        adapter.train(was_training)
+        head.train(was_training)
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.int64)

@@ -219,6 +219,8 @@ class Stage2Params:
     lr: float = field(default=1e-3, metadata=bounds(gt=0, le=1))
     weight_decay: float = field(default=1e-4, metadata=bounds(ge=0, le=10))
     warmup_epochs: float = field(default=0.0, metadata=bounds(ge=0, le=_EPOCHS_MAX))
+    # `lambda` in params.yaml (the paper's symbol, a Python keyword), `residual_ratio` in the
+    # code: this `key` is the one place the two names meet (schema.build, schema.to_plain).
     residual_ratio: float = field(default=0.2, metadata=bounds(ge=0, le=1, key="lambda"))
     beta: float = field(default=0.97, metadata=bounds(ge=0, lt=1))
     # k ops drawn per view (eq. 10); more than RandAugment has only repeats ops

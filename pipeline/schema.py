@@ -1,7 +1,7 @@
 """A small strict validator: mappings from YAML into frozen dataclasses.
 
 Every field is typed; an unknown key, a missing required key, a wrong type or a value out of
-range raises `ParamsError` naming the dotted key (`stage2.lambda_: must be <= 1, got 1.5`).
+range raises `ParamsError` naming the dotted key (`stage2.lambda: must be <= 1, got 1.5`).
 Bounds and choices live in the field's metadata (`field(default=..., metadata=bounds(ge=0))`).
 """
 
