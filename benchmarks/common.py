@@ -12,6 +12,23 @@ import torch
 
 from ecvl.data.shards import write_manifest, write_split_shards
 from ecvl.data.sources import DigitsSource
+from ecvl.engine import Stage1Config
+
+
+def stage1_config(**overrides) -> Stage1Config:
+    """Stage-I settings for a benchmark: params.yaml's values unless overridden (fp32)."""
+    base = {
+        "lr": 1e-3,
+        "weight_decay": 0.1,
+        "warmup_steps": 0,
+        "grad_clip": 1.0,
+        "w_i2t": 1.0,
+        "w_t2i": 1.0,
+        "logit_scale_max": 100.0,
+        "precision": "fp32",
+        "text_batch_size": None,
+    }
+    return Stage1Config(**{**base, **overrides})
 
 
 def digits_train_shards(root: Path, maxcount: int, n: int | None = None) -> Path:
@@ -21,7 +38,7 @@ def digits_train_shards(root: Path, maxcount: int, n: int | None = None) -> Path
     if n is not None:
         split = split.subset(np.arange(n))
     written = write_split_shards(
-        split, "train", source.classes, root, maxcount=maxcount, progress=False
+        split, "train", source.classes, root, maxcount, max_bad_fraction=0.0, progress=False
     )
     write_manifest(
         root,

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import digits_train_shards
+from common import digits_train_shards, stage1_config
 
 from ecvl.augment import standard_view_transform
 from ecvl.data.image_store import ImageStore, ImageStoreWriter
 from ecvl.data.reader import eval_pipeline, iter_samples, make_loader, take, train_pipeline
 from ecvl.data.shards import load_manifest
-from ecvl.engine import Stage1Config, Stage1Trainer, encode_loader, resolve_precision
+from ecvl.engine import Stage1Trainer, encode_loader, resolve_precision
 from ecvl.models.clip import create_model
 from ecvl.reencode import SelectiveEncoder, ViewRequest
 from ecvl.text import tokenize_prompts
@@ -86,7 +86,7 @@ def stage1_figures(bundle, manifest, device, precision, args) -> dict:
     trainer = Stage1Trainer(
         bundle.model,
         tokens,
-        Stage1Config(epochs=epochs, steps_per_epoch=args.steps, lr=1e-5, precision=precision),
+        stage1_config(epochs=epochs, steps_per_epoch=args.steps, lr=1e-5, precision=precision),
         device,
     )
     size = bundle.train_transform.transforms[0].size
@@ -200,7 +200,7 @@ def text_memory_figures(bundle, device, precision, args) -> dict:
         trainer = Stage1Trainer(
             bundle.model,
             tokens,
-            Stage1Config(
+            stage1_config(
                 epochs=1, steps_per_epoch=1, lr=1e-6, precision=precision, text_batch_size=chunk
             ),
             device,

@@ -31,11 +31,11 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from common import core_share_bound, data_alone_images_per_s, digits_train_shards
+from common import core_share_bound, data_alone_images_per_s, digits_train_shards, stage1_config
 
 from ecvl.data.reader import check_shard_count, make_loader, take, train_pipeline
 from ecvl.data.shards import load_manifest
-from ecvl.engine import Stage1Config, Stage1Trainer
+from ecvl.engine import Stage1Trainer
 from ecvl.models.clip import create_model
 from ecvl.text import tokenize_prompts
 
@@ -62,7 +62,7 @@ def main() -> None:
         trainer = Stage1Trainer(
             bundle.model,
             tokens,
-            Stage1Config(epochs=4 * args.pairs + 2, steps_per_epoch=total, lr=1e-4),
+            stage1_config(epochs=4 * args.pairs + 2, steps_per_epoch=total, lr=1e-4),
             device,
         )
         urls = manifest.shard_paths("train")

@@ -81,8 +81,22 @@ def main() -> None:
             text,
             labels,
             encoder,
-            Stage2Config(
-                epochs=2, batch_size=args.batch_size, logit_scale=float(np.log(100)), k=args.k
+            Stage2Config(  # params.yaml's values, the full method
+                epochs=2,
+                batch_size=args.batch_size,
+                logit_scale=float(np.log(100)),
+                lr=1e-3,
+                weight_decay=1e-4,
+                warmup_steps=0,
+                residual_ratio=0.2,
+                beta=0.97,
+                k=args.k,
+                tau_dcvl=0.1,
+                w_dcvl=1.0,
+                sampler="balanced",
+                draws_per_epoch=None,
+                mode="ecvl",
+                seed=0,
             ),
             device,
         )

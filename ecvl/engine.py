@@ -65,19 +65,20 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """Optimisation settings of stage I (DESIGN.md §1)."""
+    """Optimisation settings of stage I (DESIGN.md §1); every field required: the defaults
+    and bounds users see are params.yaml's, validated in `pipeline/params.py`."""
 
     epochs: int
     steps_per_epoch: int
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-    w_i2t: float = 1.0
-    w_t2i: float = 1.0
-    logit_scale_max: float = 100.0
-    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
-    text_batch_size: int | None = None  # prompts per checkpointed text-tower call; None = all
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float | None
+    w_i2t: float
+    w_t2i: float
+    logit_scale_max: float
+    precision: str  # resolved: fp32 | bf16 | fp16
+    text_batch_size: int | None  # prompts per checkpointed text-tower call; None = all
 
     @property
     def total_steps(self) -> int:

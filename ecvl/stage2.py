@@ -74,7 +74,8 @@ _PLAN_STREAM, _PIXEL_STREAM = 1, 2
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Stage2Config:
-    """Settings of stage II (DESIGN.md §1, "Stage II"); keyword-only.
+    """Settings of stage II (DESIGN.md §1, "Stage II"); keyword-only, every field required: the
+    defaults and bounds users see are params.yaml's, validated in `pipeline/params.py`.
 
     Attributes:
         epochs: number of epochs.
@@ -83,7 +84,7 @@ class Stage2Config:
         logit_scale: the stage-I model's fixed log inverse temperature
             (`1/tau = exp(logit_scale)`), a float.
         lr: AdamW learning rate (peak of the cosine schedule).
-        weight_decay: AdamW weight decay, on the adapter's matrix only (not its bias).
+        weight_decay: AdamW weight decay, on the head's matrix only (not its bias).
         warmup_steps: linear warm-up steps before the cosine decay.
         residual_ratio: lambda of eq. 7 (used when the trainer builds the adapter, and checked
             against an adapter passed in).
@@ -92,60 +93,37 @@ class Stage2Config:
         tau_dcvl: temperature of the two-view contrastive loss (eq. 11).
         w_dcvl: weight of the contrastive loss.
         sampler: "balanced" (eq. 12) or "instance".
-        draws_per_epoch: draws per epoch (default: N, the number of train samples).
+        draws_per_epoch: draws per epoch (None: N, the number of train samples).
         mode: "linear_probe", "ballad", "contrast_standard" or "ecvl" (see the module
             docstring).
-        seed: seeds the sampler, the view plans, the pixel randomness and a built adapter.
+        seed: seeds the sampler, the view plans, the pixel randomness and a built head.
     """
 
     epochs: int
     batch_size: int
     logit_scale: float
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 0
-    residual_ratio: float = 0.2
-    beta: float = 0.97
-    k: int = 2
-    tau_dcvl: float = 0.1
-    w_dcvl: float = 1.0
-    sampler: str = "balanced"
-    draws_per_epoch: int | None = None
-    mode: str = "ecvl"
-    seed: int = 0
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    residual_ratio: float
+    beta: float
+    k: int
+    tau_dcvl: float
+    w_dcvl: float
+    sampler: str
+    draws_per_epoch: int | None
+    mode: str
+    seed: int
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, value: Any, minimum: int = 1) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-        positive_int("epochs", self.epochs)
-        positive_int("batch_size", self.batch_size)
-        positive_int("warmup_steps", self.warmup_steps, 0)
-        positive_int("k", self.k, 0)
-        positive_int("seed", self.seed, 0)
-        if self.draws_per_epoch is not None:
-            positive_int("draws_per_epoch", self.draws_per_epoch)
         if self.mode not in MODES:
             raise ValueError(f"unknown stage-II mode {self.mode!r} (known: {', '.join(MODES)})")
         if self.sampler not in SAMPLERS:
             raise ValueError(
                 f"unknown sampler {self.sampler!r} (known: {', '.join(sorted(SAMPLERS))})"
             )
-        if not math.isfinite(self.logit_scale):
+        if not math.isfinite(self.logit_scale):  # read from the stage-I model, not a param
             raise ValueError(f"logit_scale must be finite, got {self.logit_scale}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not (0.0 <= self.residual_ratio <= 1.0):
-            raise ValueError(f"residual_ratio must be in [0, 1], got {self.residual_ratio}")
-        if not (0.0 <= self.beta <= 1.0):
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
-        if not self.tau_dcvl > 0:
-            raise ValueError(f"tau_dcvl must be > 0, got {self.tau_dcvl}")
-        if not self.w_dcvl >= 0:
-            raise ValueError(f"w_dcvl must be >= 0, got {self.w_dcvl}")
 
     @property
     def two_views(self) -> bool:
@@ -154,29 +132,29 @@ class Stage2Config:
 
 
 class Stage2Trainer:
-    """Trains the residual adapter of stage II; one call of `train_epoch` per epoch.
+    """Trains the stage-II head (residual adapter, or linear probe); one `train_epoch` per epoch.
 
     Args:
-        adapter: the adapter to train (e.g. a `ResidualAdapter`), or None to build
+        head: the head to train (e.g. a `ResidualAdapter`), or None to build
             `ResidualAdapter(d, config.residual_ratio, seed=config.seed)` (a
             `LinearProbe(d, K)` in mode ``linear_probe``). Moved to `device`.
         text_features: (K, d) class text embeddings `u_c` (normalised again here), frozen.
         train_labels: (N,) class of every train sample, aligned with the encoder's cache.
         encoder: the `SelectiveEncoder` serving cached rows and re-encoded views.
         config: the settings.
-        device: where the adapter trains (the encoder's device is its own).
+        device: where the head trains (the encoder's device is its own).
         class_groups: optional group ("many", "medium", "few") of each class, for the
             per-group mean memorisation score in the epoch statistics.
 
     Raises:
         DataError: labels, cache, image store, text features or class groups disagree in
             size, or a label is out of range.
-        ValueError: an adapter whose `residual_ratio` differs from the config's.
+        ValueError: a head whose `residual_ratio` differs from the config's.
     """
 
     def __init__(
         self,
-        adapter: nn.Module | None,
+        head: nn.Module | None,
         text_features: np.ndarray | torch.Tensor,
         train_labels: Sequence[int] | np.ndarray | torch.Tensor,
         encoder: SelectiveEncoder,
@@ -239,16 +217,16 @@ class Stage2Trainer:
                 raise DataError(f"unknown class group(s) {unknown}; known: {list(GROUPS)}")
             self.class_groups = groups
 
-        if adapter is None and config.mode == "linear_probe":
-            adapter = LinearProbe(encoder.dim, self.num_classes, seed=config.seed)
-        elif adapter is None:
-            adapter = ResidualAdapter(encoder.dim, config.residual_ratio, seed=config.seed)
-        ratio = getattr(adapter, "residual_ratio", None)
+        if head is None and config.mode == "linear_probe":
+            head = LinearProbe(encoder.dim, self.num_classes)
+        elif head is None:
+            head = ResidualAdapter(encoder.dim, config.residual_ratio, seed=config.seed)
+        ratio = getattr(head, "residual_ratio", None)
         if ratio is not None and float(ratio) != config.residual_ratio:
             raise ValueError(
-                f"the adapter has residual_ratio {ratio}, the config says {config.residual_ratio}"
+                f"the head has residual_ratio {ratio}, the config says {config.residual_ratio}"
             )
-        self.adapter = adapter.to(self.device)
+        self.head = head.to(self.device)
 
         self.draws_per_epoch = config.draws_per_epoch or encoder.num_samples
         self.steps_per_epoch = -(-self.draws_per_epoch // config.batch_size)
@@ -259,8 +237,8 @@ class Stage2Trainer:
             seed=config.seed,
             num_classes=self.num_classes,
         )
-        decay = [p for p in self.adapter.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.adapter.parameters() if p.requires_grad and p.ndim < 2]
+        decay = [p for p in self.head.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.head.parameters() if p.requires_grad and p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": config.weight_decay},
@@ -322,7 +300,7 @@ class Stage2Trainer:
             raise TrainingError(f"stage II already trained all {cfg.epochs} epochs")
         epoch = self.epoch + 1
         start = time.perf_counter()
-        self.adapter.train()
+        self.head.train()
         self.sampler.set_epoch(epoch)
         order = self.sampler.indices()
         scores = None
@@ -411,9 +389,9 @@ class Stage2Trainer:
         cfg = self.config
         labels = self._labels[idx.to(self._labels.device)]
         if cfg.mode == "linear_probe":
-            cls = F.cross_entropy(self.adapter(features.to(self.device)), labels, reduction="none")
+            cls = F.cross_entropy(self.head(features.to(self.device)), labels, reduction="none")
             return cls, cls, torch.zeros_like(cls)
-        adapted = self.adapter(features.to(self.device))
+        adapted = self.head(features.to(self.device))
         v = F.normalize(adapted, dim=-1)
         if not cfg.two_views:
             cls = image_to_text_loss(
@@ -460,13 +438,13 @@ class Stage2Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs; plain tensors and Python values, so that
         `torch.load(..., weights_only=True)` reads it. Save it between epochs."""
-        adapter_config = getattr(self.adapter, "config", None)
+        head_config = getattr(self.head, "config", None)
         return {
             "format": STATE_FORMAT,
             "epoch": self.epoch,
             "config": dataclasses.asdict(self.config),
-            "adapter_config": adapter_config() if callable(adapter_config) else None,
-            "adapter": self.adapter.state_dict(),
+            "adapter_config": head_config() if callable(head_config) else None,
+            "adapter": self.head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "momentum": self.momentum.state_dict(),
@@ -494,7 +472,7 @@ class Stage2Trainer:
             raise TrainingError(
                 f"cannot resume stage II: the checkpoint was trained with other settings ({shown})"
             )
-        self.adapter.load_state_dict(state["adapter"])
+        self.head.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.momentum.load_state_dict(state["momentum"])
@@ -503,7 +481,7 @@ class Stage2Trainer:
 
 @torch.no_grad()
 def predict_cached(
-    adapter: nn.Module,
+    head: nn.Module,
     features: np.ndarray | torch.Tensor,
     text_features: np.ndarray | torch.Tensor,
     device: torch.device | str,
@@ -515,7 +493,7 @@ def predict_cached(
     those instead.
 
     Args:
-        adapter: the trained adapter (returns `f*`) or a head with `scores`; moved to `device`
+        head: the trained adapter (returns `f*`) or a head with `scores`; moved to `device`
             (heads are built on the CPU), its train/eval mode restored after.
         features: (N, d) cached, un-normalised image embeddings (float16 is fine).
         text_features: (K, d) class text embeddings (normalised here).
@@ -535,14 +513,14 @@ def predict_cached(
         else np.asarray(text_features)
     )
     text = F.normalize(text.float().to(device), dim=-1)
-    adapter = adapter.to(device)
-    was_training = adapter.training
-    adapter.eval()
+    head = head.to(device)
+    was_training = head.training
+    head.eval()
     out = []
     try:
         for a in range(0, feats.shape[0], batch_size):
             batch = feats[a : a + batch_size].to(device).float()
-            out.append(class_logits(adapter, batch, text).argmax(dim=1))
+            out.append(class_logits(head, batch, text).argmax(dim=1))
     finally:
-        adapter.train(was_training)
+        head.train(was_training)
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.int64)

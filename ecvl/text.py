@@ -20,8 +20,6 @@ from ecvl.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
-
 
 def build_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
     """Fill every template with every class name.
@@ -129,7 +127,7 @@ def class_text_features(
     model: nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
     classnames: Sequence[str],
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    templates: Sequence[str],
     device: str | torch.device | None = None,
     batch_size: int = 256,
 ) -> torch.Tensor:

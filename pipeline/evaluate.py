@@ -74,7 +74,7 @@ def run(params: Params) -> None:
         for row, pred in predictions[split].items():
             report = classification_report(truth[split], pred, groups, k)
             metrics[split][row] = {c: report[c] for c in COLUMNS}
-        tables.append(_markdown_table(split, metrics[split], manifest, params))
+        tables.append(_markdown_table(split, metrics[split], manifest))
         # `stage2` = the last mode listed (the method's own row), so that experiments that
         # each train one mode (`dvc exp run -S 'stage2.modes=[ballad]'`) share metric keys.
         metrics[split]["stage2"] = metrics[split][f"stage2_{params.stage2.modes[-1]}"]
@@ -168,7 +168,7 @@ def _params_record(params: Params) -> str:
     return f"Params that produced these tables:\n\n```yaml\n{text}```\n"
 
 
-def _markdown_table(split: str, rows: dict, manifest, params: Params) -> str:
+def _markdown_table(split: str, rows: dict, manifest) -> str:
     counts = manifest.train_counts
     groups = manifest.class_groups
     sizes = {g: groups.count(g) for g in ("many", "medium", "few")}

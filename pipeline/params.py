@@ -116,15 +116,15 @@ class ShardParams:
         default_factory=lambda: SOURCES["digits"](), metadata=bounds(parse=parse_source)
     )
     test_source: Any = field(default=None, metadata=bounds(parse=parse_source))
-    test_per_class: int = field(default=0, metadata=bounds(ge=0, le=_COUNT_MAX))
-    val_per_class: int = field(default=0, metadata=bounds(ge=0, le=_COUNT_MAX))
-    imbalance_factor: float | None = field(default=None, metadata=bounds(ge=1, le=1e6))
-    n_max: int | None = field(default=None, metadata=bounds(ge=1, le=_COUNT_MAX))
+    test_per_class: int = field(default=40, metadata=bounds(ge=0, le=_COUNT_MAX))
+    val_per_class: int = field(default=20, metadata=bounds(ge=0, le=_COUNT_MAX))
+    imbalance_factor: float | None = field(default=20.0, metadata=bounds(ge=1, le=1e6))
+    n_max: int | None = field(default=110, metadata=bounds(ge=1, le=_COUNT_MAX))
     membership_imbalance_factor: float | None = field(default=None, metadata=bounds(ge=1, le=1e6))
     many_above: int = field(default=100, metadata=bounds(ge=0, le=_COUNT_MAX))
     few_below: int = field(default=20, metadata=bounds(ge=0, le=_COUNT_MAX))
     maxcount: int = field(default=1000, metadata=bounds(ge=1, le=_COUNT_MAX))
-    max_bad_fraction: float = field(default=0.0, metadata=bounds(ge=0, le=1))
+    max_bad_fraction: float = field(default=0.01, metadata=bounds(ge=0, le=1))
 
     def check(self, where: str) -> None:
         if self.few_below > self.many_above + 1:
@@ -219,6 +219,8 @@ class Stage2Params:
     lr: float = field(default=1e-3, metadata=bounds(gt=0, le=1))
     weight_decay: float = field(default=1e-4, metadata=bounds(ge=0, le=10))
     warmup_epochs: float = field(default=0.0, metadata=bounds(ge=0, le=_EPOCHS_MAX))
+    # `lambda` in params.yaml (the paper's symbol, a Python keyword), `residual_ratio` in the
+    # code: this `key` is the one place the two names meet (schema.build, schema.to_plain).
     residual_ratio: float = field(default=0.2, metadata=bounds(ge=0, le=1, key="lambda"))
     beta: float = field(default=0.97, metadata=bounds(ge=0, lt=1))
     # k ops drawn per view (eq. 10); more than RandAugment has only repeats ops

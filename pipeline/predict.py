@@ -27,9 +27,6 @@ from pipeline.io import atomic_file
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("csv", "jsonl")
-
-
 @dataclass(frozen=True)
 class Summary:
     """What a run did: rows written, images skipped."""

@@ -1,7 +1,7 @@
 """A small strict validator: mappings from YAML into frozen dataclasses.
 
 Every field is typed; an unknown key, a missing required key, a wrong type or a value out of
-range raises `ParamsError` naming the dotted key (`stage2.lambda_: must be <= 1, got 1.5`).
+range raises `ParamsError` naming the dotted key (`stage2.lambda: must be <= 1, got 1.5`).
 Bounds and choices live in the field's metadata (`field(default=..., metadata=bounds(ge=0))`).
 """
 
@@ -26,14 +26,13 @@ def bounds(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
-    must_exist: bool = False,
     parse: typing.Callable[[Any, str], Any] | None = None,
     key: str | None = None,
 ) -> dict:
-    """Field metadata: numeric bounds; `must_exist` for input paths checked up front;
-    `parse(value, where)` replaces the type check for fields that dispatch on content;
-    `key` is the YAML spelling when it cannot be the field name."""
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "must_exist": must_exist, "parse": parse}
+    """Field metadata: numeric bounds; `parse(value, where)` replaces the type check for
+    fields that dispatch on content; `key` is the YAML spelling when it cannot be the field
+    name."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "parse": parse}
     return meta | ({"key": key} if key else {})
 
 
@@ -114,20 +113,17 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def _check_bounds(meta: Mapping, value: Any, where: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        for key, ok, word in (
-            ("ge", lambda v, b: v >= b, ">="),
-            ("gt", lambda v, b: v > b, ">"),
-            ("le", lambda v, b: v <= b, "<="),
-            ("lt", lambda v, b: v < b, "<"),
-        ):
-            bound = meta.get(key)
-            if bound is not None and not ok(value, bound):
-                _fail(where, f"must be {word} {bound}, got {value!r}")
-    if meta.get("must_exist") and isinstance(value, Path) and not value.exists():
-        _fail(where, f"file not found: {value}")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return  # None, text, paths, mappings: no numeric bounds
+    for key, ok, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            _fail(where, f"must be {word} {bound}, got {value!r}")
 
 
 def build(cls: type, data: Any, where: str) -> Any:

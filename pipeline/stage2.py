@@ -116,9 +116,9 @@ def run(params: Params) -> None:
         results[mode]["reencoded_fraction"] = float(
             np.mean([r["reencoded_fraction"] for r in rows])
         )
-        adapter = trainer.adapter
-        state = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
-        trained[mode] = (state, adapter.config(), trace)
+        head = trainer.head
+        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        trained[mode] = (state, head.config(), trace)
     # What the run trained from and with (not the code digest: the adapters' files, and so their
     # DVC hash, must not change when unrelated code is edited).
     record = {
@@ -248,7 +248,7 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         while len(rows) < p.epochs:
             stats = trainer.train_epoch(progress=params.base.progress)
             pred = predict_cached(
-                trainer.adapter, evaluation.features, text, device, p.eval_batch_size
+                trainer.head, evaluation.features, text, device, p.eval_batch_size
             ).numpy()
             report = classification_report(
                 evaluation.labels, pred, manifest.class_groups, manifest.num_classes

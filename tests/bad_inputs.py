@@ -155,6 +155,7 @@ def folder_params(d: Path, root: Path, **shard) -> Path:
             "val_per_class": 0,
             "imbalance_factor": None,
             "n_max": None,
+            "max_bad_fraction": 0.0,
             **shard,
         },
     )

@@ -84,8 +84,8 @@ def write_split_shards(
     split_name: str,
     classes: tuple[str, ...],
     out_dir: Path,
-    maxcount: int = 1000,
-    max_bad_fraction: float = 0.0,
+    maxcount: int,
+    max_bad_fraction: float,
     progress: bool = True,
 ) -> SplitShards:
     """Write `split` as `<out_dir>/<split_name>-NNNNNN.tar` shards of at most `maxcount` samples.

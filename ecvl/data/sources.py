@@ -512,20 +512,11 @@ SOURCES: dict[str, type] = {
 }
 
 
-def source_config_class(name: str) -> type:
-    """The config class registered for a source name; lists the known names when unknown."""
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise KeyError(f"unknown source {name!r} (known: {', '.join(sorted(SOURCES))})") from None
-
-
 __all__ = [
     "SOURCES",
     "SPLITS",
     "LoadedSource",
     "Split",
-    "source_config_class",
     "encode_png",
     "make_key",
 ]

@@ -43,14 +43,14 @@ class SplitPlan:
         seed: seed of every random choice.
     """
 
-    test_per_class: int = 0
-    val_per_class: int = 0
-    imbalance_factor: float | None = None
-    n_max: int | None = None
-    membership_imbalance_factor: float | None = None
-    many_above: int = 100
-    few_below: int = 20
-    seed: int = 0
+    test_per_class: int
+    val_per_class: int
+    imbalance_factor: float | None
+    n_max: int | None
+    membership_imbalance_factor: float | None
+    many_above: int
+    few_below: int
+    seed: int
 
 
 @dataclass

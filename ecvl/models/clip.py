@@ -31,7 +31,6 @@ from ecvl.errors import ModelError
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-DEFAULT_MODEL = "ecvl-tiny-vit"
 
 # File names open_clip's `local-dir:` schema reads (open_clip 3.x `factory.create_model`).
 LOCAL_DIR_CONFIG = "open_clip_config.json"
@@ -47,7 +46,6 @@ _LOCAL_DIR_WEIGHT_NAMES = (
     "pytorch_model.pth",
     "model.pth",
 )
-_PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16", "amp_bfloat16", "pure_fp16", "pure_bf16")
 _MAX_LISTED = 3
 
 
@@ -98,8 +96,6 @@ def create_model(
     name: str,
     pretrained: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
-    precision: str = "fp32",
-    aug_cfg: Mapping[str, Any] | None = None,
 ) -> ClipBundle:
     """Create an open_clip model with its transforms and tokenizer.
 
@@ -109,27 +105,22 @@ def create_model(
             `openai` for `RN50`, downloaded by open_clip); a checkpoint file (a state dict or an
             open_clip training checkpoint with a `state_dict` key, `.pt`/`.bin`/`.safetensors`,
             loaded with `weights_only=True`); or a directory written by `save_open_clip_dir`.
-        device: where to put the model.
-        precision: open_clip precision (`fp32`, `fp16`, `bf16`, `amp`, ...).
-        aug_cfg: open_clip `AugmentationCfg` fields for the training transform (e.g.
-            `{"scale": (0.9, 1.0)}`); `None` keeps open_clip's defaults.
+        device: where to put the model, in fp32 (mixed precision is autocast, per stage).
 
     Returns:
         A `ClipBundle`.
 
     Raises:
-        ModelError: unknown model name or precision, a `pretrained` value that is neither a
+        ModelError: unknown model name, a `pretrained` value that is neither a
             known tag nor an existing path, a checkpoint that cannot be read or does not fit
             the model, or weights for a tag that could not be fetched.
     """
     register_model_configs()
     _check_model_name(name)
-    if precision not in _PRECISIONS:
-        raise ModelError(f"unknown precision {precision!r}; expected one of {list(_PRECISIONS)}")
     model_cfg = open_clip.get_model_config(name)
     source = None if pretrained is None else os.fspath(pretrained)
 
-    kwargs: dict[str, Any] = {"precision": precision, "device": device, "aug_cfg": aug_cfg}
+    kwargs: dict[str, Any] = {"device": device}
     weights: str | None = None  # what open_clip loads: a tag or a file
     if source is None:
         kind = "random"

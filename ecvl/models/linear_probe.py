@@ -32,7 +32,6 @@ class LinearProbe(nn.Module):
     Args:
         dim: embedding width d.
         num_classes: K.
-        seed: accepted for symmetry with the adapter; the zero init uses no randomness.
 
     Raises:
         ValueError: a non-positive `dim` or `num_classes`.
@@ -40,12 +39,11 @@ class LinearProbe(nn.Module):
 
     name = "linear_probe"
 
-    def __init__(self, dim: int, num_classes: int, *, seed: int = 0) -> None:
+    def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()
         for label, value in (("dim", dim), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive int, got {value!r}")
-        del seed
         self.dim = dim
         self.num_classes = num_classes
         self.weight = nn.Parameter(torch.zeros(num_classes, dim))

@@ -79,7 +79,19 @@ def test_non_finite_loss_names_its_step(tiny):
 
 def test_checkpoint_holds_no_rng_of_other_gpus_and_resumes_without_scaler(tiny):
     bundle, tokens = tiny
-    config = Stage1Config(epochs=1, steps_per_epoch=1)
+    config = Stage1Config(
+        epochs=1,
+        steps_per_epoch=1,
+        lr=1e-3,
+        weight_decay=0.1,
+        warmup_steps=0,
+        grad_clip=1.0,
+        w_i2t=1.0,
+        w_t2i=1.0,
+        logit_scale_max=100.0,
+        precision="fp32",
+        text_batch_size=None,
+    )
     trainer = Stage1Trainer(bundle.model, tokens, config, torch.device("cpu"))
     state = trainer.state_dict()
     assert set(state["rng"]) == {"torch"}

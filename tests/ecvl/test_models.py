@@ -103,11 +103,6 @@ def test_unknown_model_name_lists_close_names():
         create_model("RN5O")
 
 
-def test_unknown_precision():
-    with pytest.raises(ModelError, match="fp64"):
-        create_model(TINY, precision="fp64")
-
-
 def test_rn50_and_its_openai_tag_are_known_without_download():
     assert "RN50" in open_clip.list_models()
     assert "openai" in open_clip.list_pretrained_tags_by_model("RN50")

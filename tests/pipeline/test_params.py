@@ -86,6 +86,21 @@ def test_defaults_file_is_valid_and_frozen(tmp_path):
         params.base.seed = 3  # frozen
 
 
+def test_dataclass_defaults_are_params_yaml_values():
+    """The defaults users see are params.yaml's: the dataclasses must say the same, and the
+    shipped file must list every key, so the two cannot drift apart again."""
+    import dataclasses
+
+    from pipeline.schema import build
+
+    data = yaml.safe_load(open("params.yaml").read())
+    assert build(Params, data, "params") == Params()
+    for f in dataclasses.fields(Params):
+        section = getattr(Params(), f.name)
+        keys = {g.metadata.get("key", g.name) for g in dataclasses.fields(section)}
+        assert set(data[f.name]) == keys, f.name
+
+
 def _numeric_fields(cls, prefix=""):
     import dataclasses
     import typing

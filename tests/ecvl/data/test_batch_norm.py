@@ -53,7 +53,7 @@ def test_other_transforms_are_left_whole(transform):
 
 def test_pipelines_batch_the_same_tensors(bundle, images, tmp_path):
     split = Split([f"k{i:02d}" for i in range(12)], torch.arange(12).numpy() % 2, images=images)
-    res = write_split_shards(split, "train", ("a", "b"), tmp_path, maxcount=5, progress=False)
+    res = write_split_shards(split, "train", ("a", "b"), tmp_path, 5, 0.0, progress=False)
     urls = [str(tmp_path / s["name"]) for s in res.shards]
     opaque = {  # wrapped: split_normalize cannot see inside, so every image is normalised alone
         "train": lambda im: bundle.train_transform(im),

@@ -35,7 +35,9 @@ def _split(n=23, seed=0):
 
 def _write(tmp_path, split, maxcount=5, name="train"):
     out = tmp_path / "shards"
-    res = write_split_shards(split, name, CLASSES, out, maxcount=maxcount, progress=False)
+    res = write_split_shards(
+        split, name, CLASSES, out, maxcount=maxcount, max_bad_fraction=0.0, progress=False
+    )
     write_manifest(
         out,
         {"classes": list(CLASSES), "class_groups": ["many"] * 3, "splits": {name: res.to_json()}},
@@ -116,7 +118,7 @@ def _corrupt_list_source(tmp_path, n_good=9, n_bad=1):
 def test_corrupt_image_is_skipped_and_listed(tmp_path):
     split = _corrupt_list_source(tmp_path)
     res = write_split_shards(
-        split, "train", ("x", "y"), tmp_path / "out", max_bad_fraction=0.2, progress=False
+        split, "train", ("x", "y"), tmp_path / "out", 1000, max_bad_fraction=0.2, progress=False
     )
     assert res.count == 9 and len(res.bad) == 1
     assert res.bad[0]["key"] == "bad0" and "not a readable JPEG image" in res.bad[0]["error"]
@@ -130,7 +132,7 @@ def test_too_many_corrupt_images_fail(tmp_path):
         match=r"train: 2 of 5 images are unreadable .*first: \S+/bad0\.jpg: not a readable JPEG",
     ):
         write_split_shards(
-            split, "train", ("x", "y"), tmp_path / "out", max_bad_fraction=0.2, progress=False
+            split, "train", ("x", "y"), tmp_path / "out", 1000, max_bad_fraction=0.2, progress=False
         )
 
 
