@@ -55,11 +55,7 @@ def run_epochs(
             history.append({**stats, **{f"{eval_split}_{k}": report[k] for k in METRIC_KEYS}})
             log.info(
                 "%s epoch %d/%d %s | %s acc %.4f (many %.4f, medium %.4f, few %.4f) F1 %.4f",
-                name,
-                done,
-                epochs,
-                describe(history[-1]),
-                eval_split,
+                *(name, done, epochs, describe(history[-1]), eval_split),
                 *(report[k] for k in ("all_acc", "many_acc", "medium_acc", "few_acc", "macro_f1")),
             )
             save_checkpoint(ckpt, {"fingerprint": run_id, **payload, "history": history})
@@ -71,11 +67,7 @@ def write_results(paths, name: str, metrics: dict, history: list[dict], index: t
     """`<paths.metrics>/<name>.json` (`<name>.*` in `dvc exp show`) and the per-epoch rows:
     `<paths.plots>/<name>.csv` without timings, the `index` columns and timings in
     `<paths.logs>/<name>_timings.csv`."""
-    write_json(paths.metrics / f"{name}.json", {name: metrics})
-    write_history(paths.plots / f"{name}.csv", paths.logs / f"{name}_timings.csv", history, index)
-    log.info(
-        "wrote %s, %s, %s",
-        getattr(paths, name),
-        paths.metrics / f"{name}.json",
-        paths.plots / f"{name}.csv",
-    )
+    metrics_path, plot = paths.metrics / f"{name}.json", paths.plots / f"{name}.csv"
+    write_json(metrics_path, {name: metrics})
+    write_history(plot, paths.logs / f"{name}_timings.csv", history, index)
+    log.info("wrote %s, %s, %s", getattr(paths, name), metrics_path, plot)
