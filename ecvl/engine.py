@@ -332,15 +332,15 @@ class Stage1Trainer:
 
 def _encoded(
     model: nn.Module, batches: Iterable, device: torch.device, precision: str, normalize: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+) -> Iterator[tuple]:
     model.eval()
     with torch.inference_mode():
-        for images, labels, keys in batches:
+        for images, labels, keys, *rest in batches:
             with autocast(device, precision):
                 feats = model.encode_image(
                     images.to(device, non_blocking=True), normalize=normalize
                 )
-            yield feats.float(), labels, list(keys)
+            yield feats.float(), labels, list(keys), *rest
 
 
 def encode_loader(
@@ -349,10 +349,11 @@ def encode_loader(
     device: torch.device,
     precision: str = "fp32",
     normalize: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Image embeddings batch by batch: yields (features on CPU float32, labels, keys)."""
-    for feats, labels, keys in _encoded(model, batches, device, precision, normalize):
-        yield feats.cpu(), labels, keys
+) -> Iterator[tuple]:
+    """Image embeddings batch by batch: yields (features on CPU float32, labels, keys), then any
+    further fields of the batch unchanged (the export's encoded image bytes)."""
+    for feats, *rest in _encoded(model, batches, device, precision, normalize):
+        yield feats.cpu(), *rest
 
 
 def predict(

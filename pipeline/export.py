@@ -6,9 +6,11 @@
   embeddings, so index i is the same sample in both. Both are filled from one pass over the
   shards, so they cannot disagree.
 
-Resumable and atomic: both are written under `.<name>.partial` next to their final path and
-renamed at the end. A killed export re-run with the same model, shards and params continues
-where it stopped and ends with the same arrays; anything else starts over.
+Resumable per split and atomic: both are written into one partial directory,
+`.<embeddings name>.partial` next to the embeddings, and renamed at the end. Its completion
+mark (`complete.json`: the run's fingerprint and the splits finished) is rewritten after each
+split; a killed export re-run with the same model, shards and params continues at the first
+incomplete split and ends with the same bytes; anything else starts over.
 
 Under torchrun only rank 0 exports (the other ranks return at once): the stores are written
 in one order by one process, so they are identical to a one-process export.
@@ -16,6 +18,8 @@ in one order by one process, so they are identical to a one-process export.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -28,34 +32,19 @@ from ecvl.data.image_store import ImageStoreWriter
 from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
 from ecvl.data.shards import Manifest, load_manifest
 from ecvl.distributed import resolve_device, world_info
-from ecvl.engine import autocast, resolve_precision
+from ecvl.engine import encode_loader, resolve_precision
 from ecvl.errors import DataError, ModelError
 from ecvl.models.clip import ClipBundle
 from ecvl.text import class_text_features
 from pipeline.artifacts import load_stage1, model_digest
-from pipeline.io import code_digest, fingerprint, replace
+from pipeline.io import code_digest, fingerprint, replace, write_json
 from pipeline.params import Params
 from pipeline.schema import to_plain
 
 log = logging.getLogger(__name__)
 
-
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
-
-
-def _prepare_partials(outputs: list[Path], run_id: str) -> None:
-    """Keep partial outputs of an interrupted run with the same `run_id`; drop others."""
-    marker = _partial(outputs[0]).with_suffix(".run")
-    if not (marker.is_file() and marker.read_text() == run_id):
-        for out in outputs:
-            part = _partial(out)
-            if part.is_dir():
-                shutil.rmtree(part)
-            elif part.exists():
-                part.unlink()
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(run_id)
+IMAGES = "train_images.h5"
+MARK = "complete.json"  # {"run": fingerprint, "splits": [finished splits, in order]}
 
 
 def run(params: Params) -> None:
@@ -73,29 +62,15 @@ def run(params: Params) -> None:
             f"{paths.stage1}: the model was trained on other classes than {paths.shards} holds "
             "(re-run `ecvl stage1`)"
         )
-    digest = model_digest(paths.stage1)
     templates = list(params.prompts.eval_templates)
     workers = {
         s: check_shard_count(len(manifest.shard_paths(s)), 1, params.base.num_workers)
         for s in manifest.splits
     }
-    run_id = fingerprint(
-        code_digest(),
-        to_plain(p),
-        templates,
-        digest,
-        manifest.data["source_fingerprint"],
-        workers,
-        str(device),
-        precision,
-    )
-    outputs = [paths.embeddings, paths.image_store]
-    _prepare_partials(outputs, run_id)
-
     splits = {s: manifest.count(s) for s in manifest.splits}
     attrs = {
         "model_name": bundle.name,
-        "checkpoint_digest": digest,
+        "checkpoint_digest": model_digest(paths.stage1),
         "templates": templates,
         "classes": list(manifest.classes),
         "model_dir": str(paths.stage1),
@@ -103,36 +78,48 @@ def run(params: Params) -> None:
         # a clean view re-encoded would not equal its cached row.
         "precision": precision,
     }
-    emb = EmbeddingWriter(_partial(paths.embeddings), splits, bundle.embed_dim, attrs)
-    with ImageStoreWriter(_partial(paths.image_store), splits["train"]) as images:
-        for split in manifest.splits:
+    run_id = fingerprint(
+        code_digest(),
+        to_plain(p),
+        attrs,
+        manifest.data["source_fingerprint"],
+        workers,
+        str(device),
+    )
+    part = paths.embeddings.with_name(f".{paths.embeddings.name}.partial")
+    done = _finished_splits(part, run_id)
+    emb = EmbeddingWriter(
+        part / "embeddings.zarr", splits, bundle.embed_dim, attrs, resume=bool(done)
+    )
+    for split in manifest.splits:
+        if split in done:
+            log.info("export %s: complete in an earlier run", split)
+            continue
+        images = ImageStoreWriter(part / IMAGES, splits["train"]) if split == "train" else None
+        with images or contextlib.nullcontext():
             _export_split(
                 split,
                 manifest,
                 bundle,
                 emb,
-                images if split == "train" else None,
+                images,
                 device,
                 precision,
                 p.batch_size,
                 workers[split],
                 params.base.progress,
             )
-        if not emb.text_complete:
-            with torch.no_grad():
-                text = class_text_features(
-                    bundle.model.eval(),
-                    bundle.tokenizer,
-                    manifest.classes,
-                    templates,
-                    device=device,
-                )
-            emb.write_text_features(text.float().cpu())
-        images.mark_complete()
+        done.append(split)
+        write_json(part / MARK, {"run": run_id, "splits": done})
+    with torch.no_grad():
+        text = class_text_features(
+            bundle.model.eval(), bundle.tokenizer, manifest.classes, templates, device=device
+        )
+    emb.write_text_features(text.float().cpu())
 
-    for out in outputs:
-        replace(_partial(out), out)
-    _partial(outputs[0]).with_suffix(".run").unlink(missing_ok=True)
+    replace(part / "embeddings.zarr", paths.embeddings)
+    replace(part / IMAGES, paths.image_store)
+    shutil.rmtree(part)
     log.info(
         "wrote %s (%s) and %s (%d train images)",
         paths.embeddings,
@@ -140,6 +127,21 @@ def run(params: Params) -> None:
         paths.image_store,
         splits["train"],
     )
+
+
+def _finished_splits(part: Path, run_id: str) -> list[str]:
+    """The splits an interrupted export of the same run finished into `part`; a partial
+    directory of another run (or without a readable mark) is removed."""
+    try:
+        mark = json.loads((part / MARK).read_text())
+        if mark["run"] == run_id:
+            log.info("export: resuming %s (splits done: %s)", part, ", ".join(mark["splits"]))
+            return list(mark["splits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    return []
 
 
 def _export_split(
@@ -155,11 +157,6 @@ def _export_split(
     progress: bool,
 ) -> None:
     n = manifest.count(split)
-    done = min(emb.progress[split], images.progress if images is not None else n)
-    if emb.is_complete(split) and (images is None or images.progress >= n):
-        return
-    if done:
-        log.info("export %s: resuming at row %d of %d", split, done, n)
     pipe = eval_pipeline(
         manifest.shard_paths(split),
         bundle.eval_transform,
@@ -167,33 +164,23 @@ def _export_split(
         with_bytes=images is not None,
         device=device,
     )
-    loader = make_loader(pipe, workers, device)
-    model = bundle.model.eval()
+    batches = make_loader(pipe, workers, device)
     start = 0
-    bar = tqdm(total=n, initial=0, desc=f"export {split}", unit="img", disable=not progress)
-    with torch.inference_mode():
-        for batch in loader:
-            x, labels, keys = batch[0], batch[1], list(batch[2])
-            stop = start + len(keys)
-            if stop > done:  # rows before `done` are already on disk
-                with autocast(device, precision):
-                    feats = model.encode_image(x.to(device, non_blocking=True), normalize=False)
-                if feats.shape[1] != emb.embed_dim:
-                    raise ModelError(
-                        f"the model gives {feats.shape[1]}-d embeddings, expected {emb.embed_dim}"
-                    )
-                emb.write(
-                    split,
-                    start,
-                    feats.float().cpu().numpy().astype("float16"),
-                    labels.numpy(),
-                    keys,
+    with tqdm(total=n, desc=f"export {split}", unit="img", disable=not progress) as bar:
+        for feats, labels, keys, *encoded in encode_loader(
+            bundle.model, batches, device, precision
+        ):
+            if feats.shape[1] != emb.embed_dim:
+                raise ModelError(
+                    f"the model gives {feats.shape[1]}-d embeddings, expected {emb.embed_dim}"
                 )
-                if images is not None:
-                    images.write(start, list(batch[3]), labels.numpy(), keys)
+            emb.write(split, start, feats.numpy().astype("float16"), labels.numpy(), keys)
+            if images is not None:
+                images.write(start, list(encoded[0]), labels.numpy(), keys)
+            start += len(keys)
             bar.update(len(keys))
-            start = stop
-    bar.close()
     if start != n:
         raise DataError(f"export {split}: read {start} samples, the manifest lists {n}")
+    if images is not None:
+        images.mark_complete()
     emb.mark_complete(split)

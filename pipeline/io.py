@@ -95,7 +95,20 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
 
 
 def replace(src: Path, dst: Path) -> None:
-    """Move `src` onto `dst`; an existing directory at `dst` is swapped out, then removed."""
+    """Move `src` onto `dst`; an existing directory at `dst` is swapped out, then removed.
+
+    Across filesystems (`paths.*` on different mounts) `src` is first copied next to `dst`, so
+    the final step is still a rename on `dst`'s filesystem."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if os.stat(src).st_dev != os.stat(dst.parent).st_dev:
+        staged = _tmp_sibling(dst, "dir" if src.is_dir() else "file")
+        _remove(staged)
+        if src.is_dir():
+            shutil.copytree(src, staged)
+        else:
+            shutil.copy2(src, staged)
+        _remove(src)
+        src = staged
     if dst.is_dir() and not dst.is_symlink():
         old = dst.with_name(f".{dst.name}.tmp-old")
         _remove(old)

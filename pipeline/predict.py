@@ -27,6 +27,7 @@ from pipeline.io import atomic_file
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Summary:
     """What a run did: rows written, images skipped."""

@@ -29,15 +29,8 @@ from ecvl.evaluation import evaluate_clip
 from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.models.clip import create_model, save_open_clip_dir
 from ecvl.text import tokenize_prompts
-from pipeline.io import (
-    atomic_dir,
-    code_digest,
-    fingerprint,
-    load_checkpoint,
-    save_checkpoint,
-    write_history,
-    write_json,
-)
+from pipeline.epochs import run_epochs, write_results
+from pipeline.io import atomic_dir, code_digest, fingerprint
 from pipeline.params import Params
 from pipeline.schema import to_plain
 
@@ -91,15 +84,6 @@ def _train(params: Params, world, device: torch.device) -> None:
         precision,  # resolved: `auto` means bf16 on one GPU and fp16 on another
         manifest.data["source_fingerprint"],
     )
-    ckpt_path = paths.checkpoints / "stage1.pt"
-    history: list[dict] = []
-    state = load_checkpoint(ckpt_path, run_id)
-    if state is not None:
-        state["trainer"]["rng"] = state["rank_rng"][world.rank]  # this rank's own generators
-        trainer.load_state_dict(state["trainer"])
-        history = list(state["history"])
-        log.info("resuming stage1 after epoch %d of %d (%s)", trainer.epoch, p.epochs, ckpt_path)
-
     eval_split = manifest.eval_split()
     log.info(
         "stage1: %s on %s (%s), %d train images, %d steps/epoch × %d epochs, eval on %s",
@@ -112,51 +96,44 @@ def _train(params: Params, world, device: torch.device) -> None:
         eval_split,
     )
     progress = params.base.progress and world.is_main
-    while trainer.epoch < p.epochs:
-        epoch = trainer.epoch + 1
+
+    def train() -> tuple[dict, dict]:
         pipe = train_pipeline(
             urls,
             bundle.train_transform,
             p.batch_size,
             params.base.seed,
-            epoch,
+            trainer.epoch + 1,
             p.shuffle_buffer,
             device=device,
         )
         stats = trainer.train_epoch(take(make_loader(pipe, workers, device), steps), progress)
         report = _evaluate(bundle, manifest, eval_split, params, device, precision, world)
-        rank_rng = all_gather_objects(world, trainer.rng_state())
-        if world.is_main:
-            row = {**stats.__dict__, **{f"{eval_split}_{k}": report[k] for k in METRIC_KEYS}}
-            history.append(row)
-            log.info(
-                "epoch %d/%d loss %.4f (i2t %.4f, t2i %.4f) lr %.2e %.0f img/s | %s acc %.4f "
-                "(many %.4f, medium %.4f, few %.4f) F1 %.4f",
-                epoch,
-                p.epochs,
-                stats.loss,
-                stats.loss_i2t,
-                stats.loss_t2i,
-                stats.lr,
-                stats.images_per_s,
-                eval_split,
-                report["all_acc"],
-                report["many_acc"],
-                report["medium_acc"],
-                report["few_acc"],
-                report["macro_f1"],
-            )
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "fingerprint": run_id,
-                    "trainer": trainer.state_dict(),
-                    "rank_rng": rank_rng,
-                    "history": history,
-                },
-            )
-        barrier(world)
+        return stats.__dict__, report
 
+    def restore(saved: dict) -> None:
+        saved["trainer"]["rng"] = saved["rank_rng"][world.rank]  # this rank's own generators
+        trainer.load_state_dict(saved["trainer"])
+
+    history = run_epochs(
+        "stage1",
+        p.epochs,
+        paths.checkpoints / "stage1.pt",
+        run_id,
+        eval_split,
+        train=train,
+        state=lambda: {
+            "trainer": trainer.state_dict(),
+            "rank_rng": all_gather_objects(world, trainer.rng_state()),  # every rank's
+        },
+        restore=restore,
+        describe=lambda r: (
+            f"loss {r['loss']:.4f} (i2t {r['loss_i2t']:.4f}, t2i {r['loss_t2i']:.4f}) "
+            f"lr {r['lr']:.2e} {r['images_per_s']:.0f} img/s"
+        ),
+        is_main=world.is_main,
+        barrier=lambda: barrier(world),
+    )
     if world.is_main:
         _write_outputs(params, bundle, manifest, history, eval_split)
     barrier(world)
@@ -201,10 +178,4 @@ def _write_outputs(params: Params, bundle, manifest, history, eval_split) -> Non
             )
             + "\n"
         )
-    write_json(paths.metrics / "stage1.json", {"stage1": metrics})  # `stage1.*` in exp show
-    write_history(
-        paths.plots / "stage1.csv", paths.logs / "stage1_timings.csv", history, ("epoch",)
-    )
-    log.info(
-        "wrote %s, %s, %s", paths.stage1, paths.metrics / "stage1.json", paths.plots / "stage1.csv"
-    )
+    write_results(paths, "stage1", metrics, history, ("epoch",))

@@ -34,15 +34,8 @@ from ecvl.models.clip import ClipBundle
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
 from pipeline.artifacts import load_stage1, model_digest
-from pipeline.io import (
-    atomic_dir,
-    code_digest,
-    fingerprint,
-    load_checkpoint,
-    save_checkpoint,
-    write_history,
-    write_json,
-)
+from pipeline.epochs import run_epochs, write_results
+from pipeline.io import atomic_dir, code_digest, fingerprint
 from pipeline.params import Params
 from pipeline.schema import ParamsError, to_plain
 
@@ -129,13 +122,7 @@ def run(params: Params) -> None:
     with atomic_dir(paths.stage2) as tmp:  # every mode of this run, or the previous run's
         for mode, (state, config, trace) in trained.items():
             _write_mode(tmp / mode, mode, state, config, trace, train, record)
-    write_json(paths.metrics / "stage2.json", {"stage2": {"split": eval_split, **results}})
-    write_history(
-        paths.plots / "stage2.csv", paths.logs / "stage2_timings.csv", history, ("mode", "epoch")
-    )
-    log.info(
-        "wrote %s, %s, %s", paths.stage2, paths.metrics / "stage2.json", paths.plots / "stage2.csv"
-    )
+    write_results(paths, "stage2", {"split": eval_split, **results}, history, ("mode", "epoch"))
 
 
 def _encoder_precision(asked: str, exported: str | None, device, store) -> str:
@@ -225,17 +212,8 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         device,
         class_groups=manifest.class_groups,
     )
-    run_id = fingerprint(inputs.run_digest, mode, to_plain(p), params.base.seed, inputs.precision)
     evaluation, eval_split, text = inputs.evaluation, inputs.eval_split, inputs.text
-    ckpt = paths.checkpoints / f"stage2-{mode}.pt"
-    rows: list[dict] = []
     trace = {"Lm": [], "M": []}
-    state = load_checkpoint(ckpt, run_id)
-    if state is not None:
-        trainer.load_state_dict(state["trainer"])
-        rows = list(state["history"])
-        trace = {k: [t.numpy() for t in v] for k, v in state["trace"].items()}
-        log.info("stage2 %s: resuming after epoch %d of %d", mode, len(rows), p.epochs)
     log.info(
         "stage2 %s: %d draws/epoch in %d steps × %d epochs, eval on %s",
         mode,
@@ -244,47 +222,42 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         p.epochs,
         eval_split,
     )
+
+    def train() -> tuple[dict, dict]:
+        stats = trainer.train_epoch(progress=params.base.progress)
+        pred = predict_cached(
+            trainer.head, evaluation.features, text, device, p.eval_batch_size
+        ).numpy()
+        lm, m = trainer.momentum_snapshot()
+        trace["Lm"].append(lm.astype(np.float32))
+        trace["M"].append(m.astype(np.float32))
+        row = {"mode": mode, **{k: stats.get(k) for k in EPOCH_KEYS}}
+        return row, classification_report(
+            evaluation.labels, pred, manifest.class_groups, manifest.num_classes
+        )
+
+    def restore(saved: dict) -> None:
+        trainer.load_state_dict(saved["trainer"])
+        trace.update({k: [t.numpy() for t in v] for k, v in saved["trace"].items()})
+
     with encoder:
-        while len(rows) < p.epochs:
-            stats = trainer.train_epoch(progress=params.base.progress)
-            pred = predict_cached(
-                trainer.head, evaluation.features, text, device, p.eval_batch_size
-            ).numpy()
-            report = classification_report(
-                evaluation.labels, pred, manifest.class_groups, manifest.num_classes
-            )
-            row = {"mode": mode, **{k: stats.get(k) for k in EPOCH_KEYS}}
-            row.update({f"{eval_split}_{k}": report[k] for k in METRIC_KEYS})
-            rows.append(row)
-            lm, m = trainer.momentum_snapshot()
-            trace["Lm"].append(lm.astype(np.float32))
-            trace["M"].append(m.astype(np.float32))
-            log.info(
-                "stage2 %s epoch %d/%d loss %.4f (cls %.4f, dcvl %.4f) re-encoded %.1f%% | %s acc "
-                "%.4f (many %.4f, medium %.4f, few %.4f) F1 %.4f",
-                mode,
-                row["epoch"],
-                p.epochs,
-                row["loss"],
-                row["loss_cls"],
-                row["loss_dcvl"],
-                100 * row["reencoded_fraction"],
-                eval_split,
-                report["all_acc"],
-                report["many_acc"],
-                report["medium_acc"],
-                report["few_acc"],
-                report["macro_f1"],
-            )
-            save_checkpoint(
-                ckpt,
-                {
-                    "fingerprint": run_id,
-                    "trainer": trainer.state_dict(),
-                    "history": rows,
-                    "trace": {k: [torch.from_numpy(a) for a in v] for k, v in trace.items()},
-                },
-            )
+        rows = run_epochs(
+            f"stage2 {mode}",
+            p.epochs,
+            paths.checkpoints / f"stage2-{mode}.pt",
+            fingerprint(inputs.run_digest, mode, to_plain(p), params.base.seed, inputs.precision),
+            eval_split,
+            train=train,
+            state=lambda: {
+                "trainer": trainer.state_dict(),
+                "trace": {k: [torch.from_numpy(a) for a in v] for k, v in trace.items()},
+            },
+            restore=restore,
+            describe=lambda r: (
+                f"loss {r['loss']:.4f} (cls {r['loss_cls']:.4f}, dcvl {r['loss_dcvl']:.4f}) "
+                f"re-encoded {100 * r['reencoded_fraction']:.1f}%"
+            ),
+        )
     return trainer, rows, trace
 
 

@@ -8,7 +8,7 @@ Layout (readable with plain ``zarr.open_group(path, mode="r")``, no ECVL code ne
     /<split>/features       float16 N×d  projected image embedding, NOT normalised
     /<split>/labels         int64 N
     /<split>/keys           string N     zarr v3 variable-length UTF-8 ("string", vlen-utf8)
-    /<split>               attrs: num_rows, rows_written, complete
+    /<split>               attrs: num_rows, rows_written (num_rows once complete), complete
     /text/features          float32 K×d  class text embeddings u_c, L2-normalised
     /text                   attrs: complete
 
@@ -18,11 +18,10 @@ string type with a registered zarr v3 specification; the fixed-width numpy types
 are stored by zarr-python as ``fixed_length_utf32`` / ``null_terminated_bytes``, which zarr
 warns may change and other zarr libraries may not read.
 
-Resume: the writer records in ``/<split>`` attrs how many leading rows are written, after the
-rows' chunks are on disk (zarr's local store replaces each file atomically). A killed export
-reopens the store, asks `EmbeddingWriter.progress` and continues from there; rows past the
-recorded point are simply written again, so the final arrays equal an uninterrupted run.
-There is one writer process (under DDP, rank 0 writes what the ranks gathered).
+Resume is per split: a writer reopened with ``resume=True`` keeps the splits already written
+and a split written again replaces its rows (zarr's local store replaces each chunk file
+atomically), so the final arrays equal an uninterrupted run. Which splits are done is the
+caller's record (the export's completion mark). There is one writer process.
 """
 
 from __future__ import annotations
@@ -87,8 +86,8 @@ class EmbeddingWriter:
         embed_dim: d, the width of the projected image and text embeddings.
         attrs: root attributes; must hold ``model_name``, ``checkpoint_digest``,
             ``templates`` (list of str) and ``classes`` (list of K names). JSON values only.
-        resume: reopen an existing store written with the same splits, d and attrs and
-            continue it; if False an existing store is replaced.
+        resume: reopen an existing store written with the same splits, d and attrs, keeping
+            what it holds; if False an existing store is replaced.
         chunk_rows: rows per chunk of the per-sample arrays.
 
     Raises:
@@ -194,7 +193,7 @@ class EmbeddingWriter:
             log.info(
                 "%s: removed %d leftover partial file(s) of a killed write", self.path, removed
             )
-        log.info("resuming embedding store %s at %s", self.path, self.progress)
+        log.info("reopened embedding store %s", self.path)
         return True
 
     def _create(self) -> None:
@@ -221,7 +220,7 @@ class EmbeddingWriter:
         self._root = root
         log.info("created embedding store %s: splits %s, d=%d", self.path, self._splits, d)
 
-    # -- progress -----------------------------------------------------------------------------
+    # -- writing ------------------------------------------------------------------------------
 
     def _split(self, split: str) -> zarr.Group:
         if split not in self._splits:
@@ -233,21 +232,9 @@ class EmbeddingWriter:
         """Rows per split."""
         return dict(self._splits)
 
-    @property
-    def progress(self) -> dict[str, int]:
-        """Leading rows already written, per split: where a resumed export continues."""
-        return {name: int(self._root[name].attrs["rows_written"]) for name in self._splits}
-
     def is_complete(self, split: str) -> bool:
         """True once `mark_complete(split)` was called (also in an earlier run)."""
         return bool(self._split(split).attrs["complete"])
-
-    @property
-    def text_complete(self) -> bool:
-        """True once the class text features were written."""
-        return bool(self._root[TEXT].attrs["complete"])
-
-    # -- writing ------------------------------------------------------------------------------
 
     def write(
         self,
@@ -257,10 +244,7 @@ class EmbeddingWriter:
         labels: Any,
         keys: Sequence[str],
     ) -> None:
-        """Write rows ``start .. start + len(features)`` of `split`, then record the progress.
-
-        Blocks are written in order; a block may start before the recorded progress (rows are
-        rewritten) but not after it, so the written rows are always a prefix.
+        """Write rows ``start .. start + len(features)`` of `split`.
 
         Args:
             split: split name.
@@ -272,24 +256,14 @@ class EmbeddingWriter:
         Raises:
             DataError: non-finite features (also after the float16 cast), a label outside
                 [0, K) or an empty key; the message names the split and row.
-            ValueError: a gap after the written rows, a block past the end, wrong shapes, or a
-                split already marked complete.
+            ValueError: a block outside the split or wrong shapes.
         """
         grp = self._split(split)
-        if grp.attrs["complete"]:
-            raise ValueError(f"split {split!r} of {self.path} is already complete")
-        done = int(grp.attrs["rows_written"])
         n_rows = self._splits[split]
         feats = _to_numpy(features)
         n = len(feats)
-        if start < 0 or start > done:
-            raise ValueError(
-                f"block of {split!r} starts at row {start} but only rows [0, {done}) are written"
-            )
-        if start + n > n_rows:
-            raise ValueError(
-                f"block [{start}, {start + n}) is past the end of {split!r} ({n_rows})"
-            )
+        if start < 0 or start + n > n_rows:
+            raise ValueError(f"block [{start}, {start + n}) is outside {split!r}'s {n_rows} rows")
         if feats.ndim != 2 or feats.shape[1] != self.embed_dim:
             raise ValueError(f"features must be n×{self.embed_dim}, got shape {feats.shape}")
         lab = _to_numpy(labels)
@@ -323,27 +297,16 @@ class EmbeddingWriter:
             return
 
         end = start + n
-        # Data first, progress second: a kill in between only costs re-writing this block.
         grp["features"][start:end] = f16
         grp["labels"][start:end] = lab
         grp["keys"][start:end] = np.array(key_list, dtype=object)
-        if end > done:
-            grp.attrs["rows_written"] = end
 
     def mark_complete(self, split: str) -> None:
-        """Mark `split` finished; the reader refuses a store with an unfinished split.
-
-        Raises:
-            ValueError: not every row of the split was written.
-        """
-        grp = self._split(split)
-        done = int(grp.attrs["rows_written"])
-        if done != self._splits[split]:
-            raise ValueError(
-                f"split {split!r} of {self.path} has {done} of {self._splits[split]} rows written"
-            )
-        grp.attrs["complete"] = True
-        log.info("%s: split %r complete (%d rows)", self.path, split, done)
+        """Mark `split` finished (the caller wrote all its rows); the reader refuses a store with
+        an unfinished split."""
+        n = self._splits[split]
+        self._split(split).attrs.update({"rows_written": n, "complete": True})
+        log.info("%s: split %r complete (%d rows)", self.path, split, n)
 
     def write_text_features(self, features: Any) -> None:
         """Write the K class text embeddings u_c (already L2-normalised) and mark them complete.
@@ -527,12 +490,8 @@ def open_embeddings(path: str | os.PathLike[str], *, splits: Sequence[str] = ())
         if not isinstance(grp, zarr.Group):
             raise DataError(f"{p}: split group {name!r} is missing")
         where = f"{p}/{name}"
-        done, complete = grp.attrs.get("rows_written"), grp.attrs.get("complete")
-        if not complete:
-            raise DataError(
-                f"{where} is incomplete ({done} of {n} rows written); the export was "
-                "interrupted: re-run it"
-            )
+        if not grp.attrs.get("complete"):
+            raise DataError(f"{where} is incomplete; the export was interrupted: re-run it")
         for array, shape, dtype in (
             ("features", (n, d), "float16"),
             ("labels", (n,), "int64"),

@@ -7,7 +7,7 @@ One HDF5 file, index i = row i of ``/train`` in the embedding store (same order)
     labels   int64 (N,)
     keys     UTF-8 variable-length string (N,)
     ext      ASCII fixed-length string (N,): "png", "jpg", "webp" or "bmp", sniffed from the bytes
-    attrs    format, format_version, count, rows_written, complete,
+    attrs    format, format_version, count, rows_written (count once complete), complete,
              ext ("png", ... when every sample shares it, else "mixed"),
              content_sha256 (over bytes, labels, keys and exts in order; see `content_digest`)
 
@@ -15,12 +15,8 @@ Images stay encoded: re-encoding only augmented views reads few of them, and sto
 would multiply the size by ~10. Decoding goes through PIL restricted to the format recorded
 for the sample, from an allow-list; nothing is ever unpickled.
 
-Resume works like the embedding store: ``rows_written`` is set (and flushed) after the rows'
-data is flushed, and a reopened writer continues from it. Unlike zarr, HDF5 has no journal: a
-kill in the middle of a metadata write can leave a file HDF5 cannot open, in which case the
-writer logs a warning and starts over. Rewritten rows leave their old bytes unreferenced in
-the file, so a resumed file is a little larger and not byte-identical to an uninterrupted one;
-its content (and ``content_sha256``) is identical.
+There is no resume inside the file (HDF5 has no journal, and rewritten rows would leave old
+bytes behind): an interrupted export writes the store again from the start.
 """
 
 from __future__ import annotations
@@ -109,26 +105,17 @@ def content_digest(f: h5py.File, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> str:
 
 
 class ImageStoreWriter:
-    """Create (or resume) an image store of `n` samples and fill it block by block.
+    """Create an image store of `n` samples (replacing any file at `path`) and fill it block by
+    block.
 
     Args:
         path: HDF5 file to write. Atomic publication (temp name + rename) is the caller's job.
         n: number of samples (the train split's rows in the embedding store).
-        resume: reopen an existing, uncorrupted store of the same size and continue it; if
-            False an existing file is replaced.
         chunk_rows: rows per HDF5 chunk.
-
-    Raises:
-        DataError: `path` is an HDF5 file that is not an image store, or one of another size.
     """
 
     def __init__(
-        self,
-        path: str | os.PathLike[str],
-        n: int,
-        *,
-        resume: bool = True,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        self, path: str | os.PathLike[str], n: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS
     ) -> None:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
@@ -138,36 +125,7 @@ class ImageStoreWriter:
         self.n = int(n)
         self._chunk_rows = int(chunk_rows)
         self._f: h5py.File | None = None
-        if resume and self.path.is_file() and self._try_resume():
-            return
         self._create()
-
-    def _try_resume(self) -> bool:
-        try:
-            f = h5py.File(self.path, "r+")
-        except OSError as err:
-            log.warning("%s cannot be opened (%s); starting the image store over", self.path, err)
-            return False
-        attrs = dict(f.attrs)
-        if attrs.get("format") != FORMAT:
-            f.close()
-            raise DataError(
-                f"{self.path} exists and is not an ECVL image store "
-                f"(format={attrs.get('format')!r}); delete it or write elsewhere"
-            )
-        if not attrs.get("initialized") or any(d not in f for d in _DATASETS):
-            f.close()
-            log.warning("%s: creation was interrupted; starting it over", self.path)
-            return False
-        if int(attrs["count"]) != self.n:
-            f.close()
-            raise DataError(
-                f"{self.path} holds an image store of {int(attrs['count'])} samples, not {self.n}; "
-                "delete it or pass resume=False"
-            )
-        self._f = f
-        log.info("resuming image store %s at row %d of %d", self.path, self.progress, self.n)
-        return True
 
     def _create(self) -> None:
         f = h5py.File(self.path, "w")
@@ -200,16 +158,6 @@ class ImageStoreWriter:
             raise ValueError(f"image store writer for {self.path} is closed")
         return self._f
 
-    @property
-    def progress(self) -> int:
-        """Leading rows already written: where a resumed export continues."""
-        return int(self._file.attrs["rows_written"])
-
-    @property
-    def complete(self) -> bool:
-        """True once `mark_complete` was called (also in an earlier run)."""
-        return bool(self._file.attrs["complete"])
-
     def write(
         self,
         start: int,
@@ -217,9 +165,7 @@ class ImageStoreWriter:
         labels: Any,
         keys: Sequence[str],
     ) -> None:
-        """Write samples ``start .. start + len(encoded)``, then record the progress.
-
-        A block may start before the recorded progress (rows are rewritten) but not after it.
+        """Write samples ``start .. start + len(encoded)``.
 
         Args:
             start: first row of the block.
@@ -230,20 +176,12 @@ class ImageStoreWriter:
         Raises:
             DataError: empty bytes, a format outside the allow-list (png, jpg, webp, bmp), a
                 negative label or an empty key; the message names the row and key.
-            ValueError: a gap after the written rows, a block past the end, mismatched lengths,
-                or a store already complete.
+            ValueError: a block outside the store or mismatched lengths.
         """
         f = self._file
-        if f.attrs["complete"]:
-            raise ValueError(f"image store {self.path} is already complete")
-        done = self.progress
         m = len(encoded)
-        if start < 0 or start > done:
-            raise ValueError(f"block starts at row {start} but only rows [0, {done}) are written")
-        if start + m > self.n:
-            raise ValueError(
-                f"block [{start}, {start + m}) is past the end of the store ({self.n})"
-            )
+        if start < 0 or start + m > self.n:
+            raise ValueError(f"block [{start}, {start + m}) is outside the store's {self.n} rows")
         lab = np.asarray(labels)
         if lab.shape != (m,) or (m and not np.issubdtype(lab.dtype, np.integer)):
             raise ValueError(f"labels must be {m} integers, got shape {lab.shape} {lab.dtype}")
@@ -280,37 +218,24 @@ class ImageStoreWriter:
         f["labels"][start:end] = lab.astype(np.int64)
         f["keys"][start:end] = key_list
         f["ext"][start:end] = exts
-        # Data on disk before the progress mark that vouches for it.
-        f.flush()
-        if end > done:
-            f.attrs["rows_written"] = end
-            f.flush()
 
     def mark_complete(self) -> str:
-        """Compute the content digest, record it and mark the store complete.
-
-        Returns:
-            The ``content_sha256`` attribute.
-
-        Raises:
-            ValueError: not every row was written.
-        """
+        """Compute the content digest, record it and mark the store complete (the caller wrote
+        every row). Returns the ``content_sha256`` attribute."""
         f = self._file
-        done = self.progress
-        if done != self.n:
-            raise ValueError(f"image store {self.path} has {done} of {self.n} rows written")
+        f.attrs["rows_written"] = self.n
         exts = set(f["ext"].asstr()[...].tolist())
         digest = content_digest(f, self._chunk_rows)
         f.attrs["ext"] = exts.pop() if len(exts) == 1 else ("mixed" if exts else "")
         f.attrs["content_sha256"] = digest
-        f.flush()
+        f.flush()  # the flushes place HDF5's metadata: other calls give other (equal) bytes
         f.attrs["complete"] = True
         f.flush()
         log.info("%s: image store complete (%d samples, sha256 %s)", self.path, self.n, digest)
         return digest
 
     def close(self) -> None:
-        """Close the file (the store stays resumable unless complete)."""
+        """Close the file."""
         if self._f is not None:
             self._f.close()
             self._f = None
@@ -368,10 +293,7 @@ class ImageStore:
             )
         n = int(attrs["count"])
         if not attrs.get("complete"):
-            raise DataError(
-                f"{self.path} is incomplete ({int(attrs.get('rows_written', 0))} of {n} samples "
-                "written); the export was interrupted: re-run it"
-            )
+            raise DataError(f"{self.path} is incomplete; the export was interrupted: re-run it")
         for name in _DATASETS:
             if name not in f:
                 raise DataError(f"{self.path}: dataset {name!r} is missing")

@@ -1,4 +1,4 @@
-"""Image store: round trip, fork-safe reading in DataLoader workers, pickling, resume."""
+"""Image store: round trip, fork-safe reading in DataLoader workers, pickling, validation."""
 
 from __future__ import annotations
 
@@ -133,49 +133,12 @@ def test_pickle_drops_handle(store_path):
     clone.close()
 
 
-def test_resume_continues_to_identical_content(tmp_path, store_path):
-    path = tmp_path / "train.h5"
-    w = ImageStoreWriter(path, N, chunk_rows=4)
-    w.write(0, ENCODED[:4], LABELS[:4], KEYS[:4])
-    # A kill after the next block's data but before its progress mark.
-    w.write(4, ENCODED[4:7], LABELS[4:7], KEYS[4:7])
-    w._file.attrs["rows_written"] = 4
-    w.close()
-
-    w = ImageStoreWriter(path, N, chunk_rows=4)
-    assert w.progress == 4 and not w.complete
-    w.write(w.progress, ENCODED[4:], LABELS[4:], KEYS[4:])
-    digest = w.mark_complete()
-    w.close()
-
-    ref = ImageStore(store_path)
-    got = ImageStore(path)
-    assert digest == got.content_sha256 == ref.content_sha256
-    assert [got.get_bytes(i) for i in range(N)] == [ref.get_bytes(i) for i in range(N)]
-    np.testing.assert_array_equal(got.labels, ref.labels)
-    assert got.keys.tolist() == ref.keys.tolist()
-    got.close()
-    ref.close()
-
-    with ImageStoreWriter(path, N) as again:
-        assert again.progress == N and again.complete
-        with pytest.raises(ValueError, match="already complete"):
-            again.write(0, ENCODED[:1], LABELS[:1], KEYS[:1])
-
-
-def test_resume_over_corrupt_file_starts_over(tmp_path, caplog):
+def test_writer_replaces_any_file(tmp_path):
+    """No resume inside the file: an interrupted export writes the store again."""
     path = tmp_path / "train.h5"
     path.write_bytes(b"not hdf5 at all")
-    with ImageStoreWriter(path, N) as w:
-        assert w.progress == 0
-    assert "starting the image store over" in caplog.text
-
-
-def test_resume_with_other_size_refuses(tmp_path):
-    path = tmp_path / "train.h5"
-    ImageStoreWriter(path, N).close()
-    with pytest.raises(DataError, match="of 10 samples, not 11"):
-        ImageStoreWriter(path, N + 1)
+    write_store(path)
+    assert ImageStore(path).content_sha256 == write_store(tmp_path / "ref.h5")
 
 
 def test_writer_validation(tmp_path):
@@ -184,11 +147,8 @@ def test_writer_validation(tmp_path):
             w.write(0, [ENCODED[0], b"\x80\x04\x95 a pickle"], LABELS[:2], KEYS[:2])
         with pytest.raises(DataError, match="empty key"):
             w.write(0, ENCODED[:2], LABELS[:2], ["a", ""])
-        with pytest.raises(ValueError, match="only rows"):
-            w.write(2, ENCODED[2:4], LABELS[2:4], KEYS[2:4])
-        with pytest.raises(ValueError, match="0 of 10 rows"):
-            w.mark_complete()
-        assert w.progress == 0
+        with pytest.raises(ValueError, match="outside the store's 10 rows"):
+            w.write(9, ENCODED[2:4], LABELS[2:4], KEYS[2:4])
 
 
 def test_reader_errors(tmp_path):
@@ -201,7 +161,7 @@ def test_reader_errors(tmp_path):
     partial = tmp_path / "partial.h5"
     with ImageStoreWriter(partial, N) as w:
         w.write(0, ENCODED[:3], LABELS[:3], KEYS[:3])
-    with pytest.raises(DataError, match=r"incomplete \(3 of 10 samples"):
+    with pytest.raises(DataError, match="incomplete; the export was interrupted"):
         ImageStore(partial)
 
 

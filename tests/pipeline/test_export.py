@@ -93,22 +93,24 @@ def test_image_store_is_index_aligned(exported, upstream):
 def test_kill_and_rerun_equals_straight_run(exported, upstream, tmp_path, monkeypatch, caplog):
     params = _params(tmp_path, upstream)
     real = ecvl.data.embeddings.EmbeddingWriter.write
-    calls = {"n": 0}
+    calls, killing = [], [True]
 
-    def killed_on_third_block(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def killed_on_second_val_block(self, split, *args, **kwargs):
+        calls.append(split)
+        if killing[0] and calls.count("val") == 2:
             raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
+        return real(self, split, *args, **kwargs)
 
-    monkeypatch.setattr(ecvl.data.embeddings.EmbeddingWriter, "write", killed_on_third_block)
+    monkeypatch.setattr(ecvl.data.embeddings.EmbeddingWriter, "write", killed_on_second_val_block)
     assert _invoke("export", params).exit_code == 130
     assert not (tmp_path / "data/embeddings.zarr").exists()
     assert not (tmp_path / "data/train_images.h5").exists()
-    monkeypatch.setattr(ecvl.data.embeddings.EmbeddingWriter, "write", real)
+    calls.clear()
+    killing[0] = False
     caplog.set_level("INFO")
     result = _invoke("export", params)
-    assert result.exit_code == 0 and "export train: resuming at row 80 of" in caplog.text
+    assert result.exit_code == 0 and "export train: complete in an earlier run" in caplog.text
+    assert "train" not in calls and calls[0] == "val"  # continued at the first incomplete split
 
     a = open_embeddings(exported / "data/embeddings.zarr")
     b = open_embeddings(tmp_path / "data/embeddings.zarr")
