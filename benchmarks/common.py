@@ -12,7 +12,7 @@ import torch
 
 from ecvl.data.shards import write_manifest, write_split_shards
 from ecvl.data.sources import DigitsSource
-from ecvl.engine import Stage1Config
+from ecvl.stage1 import Stage1Config
 
 
 def stage1_config(**overrides) -> Stage1Config:

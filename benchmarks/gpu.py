@@ -33,9 +33,11 @@ from ecvl.augment import standard_view_transform
 from ecvl.data.image_store import ImageStore, ImageStoreWriter
 from ecvl.data.reader import eval_pipeline, iter_samples, make_loader, take, train_pipeline
 from ecvl.data.shards import load_manifest
-from ecvl.engine import Stage1Trainer, encode_loader, resolve_precision
+from ecvl.evaluation import encode_loader
 from ecvl.models.clip import create_model
+from ecvl.precision import resolve_precision
 from ecvl.reencode import SelectiveEncoder, ViewRequest
+from ecvl.stage1 import Stage1Trainer
 from ecvl.text import tokenize_prompts
 
 ROOT = Path(__file__).resolve().parents[1]

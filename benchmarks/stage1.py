@@ -35,8 +35,8 @@ from common import core_share_bound, data_alone_images_per_s, digits_train_shard
 
 from ecvl.data.reader import check_shard_count, make_loader, take, train_pipeline
 from ecvl.data.shards import load_manifest
-from ecvl.engine import Stage1Trainer
 from ecvl.models.clip import create_model
+from ecvl.stage1 import Stage1Trainer
 from ecvl.text import tokenize_prompts
 
 

@@ -1,18 +1,20 @@
-"""Evaluate a CLIP-style model on shards with eq. 6 prediction and the long-tail report."""
+"""Evaluate a CLIP-style model on shards with eq. 6 prediction and the long-tail report; the
+embedding pass (`encode_loader`) that evaluation and export share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
 from ecvl.distributed import WorldInfo, all_gather_objects
-from ecvl.engine import predict
 from ecvl.metrics import classification_report
 from ecvl.models.clip import ClipBundle
+from ecvl.precision import autocast
 from ecvl.text import class_text_features
 
 
@@ -84,3 +86,52 @@ def evaluate_clip(
         num_workers=num_workers,
         world=world,
     )
+
+
+# Embedding and prediction passes, shared by evaluation and export
+
+
+def _encoded(
+    model: nn.Module, batches: Iterable, device: torch.device, precision: str, normalize: bool
+) -> Iterator[tuple]:
+    model.eval()
+    with torch.inference_mode():
+        for images, labels, keys, *rest in batches:
+            with autocast(device, precision):
+                feats = model.encode_image(
+                    images.to(device, non_blocking=True), normalize=normalize
+                )
+            yield feats.float(), labels, list(keys), *rest
+
+
+def encode_loader(
+    model: nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    precision: str = "fp32",
+    normalize: bool = False,
+) -> Iterator[tuple]:
+    """Image embeddings batch by batch: yields (features on CPU float32, labels, keys), then any
+    further fields of the batch unchanged (the export's encoded image bytes)."""
+    for feats, *rest in _encoded(model, batches, device, precision, normalize):
+        yield feats.cpu(), *rest
+
+
+def predict(
+    model: nn.Module,
+    batches: Iterable,
+    text_features: torch.Tensor,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 6 predictions: argmax_c of v · u_c. Returns (y_true, y_pred) on CPU.
+
+    Features stay on the device; predictions come back to the host once, at the end."""
+    text = F.normalize(text_features.float().to(device), dim=-1)
+    y_true, y_pred = [], []
+    for feats, labels, _ in _encoded(model, batches, device, precision, normalize=True):
+        y_pred.append((feats @ text.T).argmax(dim=1))
+        y_true.append(labels)
+    if not y_true:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(y_true).cpu(), torch.cat(y_pred).cpu()

@@ -28,8 +28,8 @@ from webdataset.tariterators import base_plus_ext
 
 from ecvl.data.batch_norm import split_normalize
 from ecvl.data.reader import decode_image, is_image_member
-from ecvl.engine import autocast
 from ecvl.errors import DataError
+from ecvl.precision import autocast
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from torch import nn
 
 from ecvl.augment import ViewPlan, apply_plan
 from ecvl.data.image_store import ImageStore
-from ecvl.engine import autocast, resolve_precision
 from ecvl.errors import DataError
+from ecvl.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 

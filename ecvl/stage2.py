@@ -52,7 +52,6 @@ from tqdm import tqdm
 
 from ecvl.augment import plan_views, standard_view_transform
 from ecvl.data.longtail import GROUPS
-from ecvl.engine import cosine_with_warmup
 from ecvl.errors import DataError, TrainingError
 from ecvl.losses import image_to_text_loss, two_view_contrastive_loss
 from ecvl.models.adapter import ResidualAdapter
@@ -61,6 +60,7 @@ from ecvl.models.linear_probe import LinearProbe
 from ecvl.momentum import MomentumTracker
 from ecvl.reencode import SelectiveEncoder, ViewRequest
 from ecvl.samplers import SAMPLERS, build_sampler
+from ecvl.stage1 import cosine_with_warmup
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import yaml
 from ecvl.data.embeddings import open_embeddings
 from ecvl.data.shards import load_manifest
 from ecvl.distributed import resolve_device
-from ecvl.engine import resolve_precision
 from ecvl.errors import DataError
 from ecvl.evaluation import evaluate_clip
 from ecvl.metrics import SUMMARY_KEYS as COLUMNS
 from ecvl.metrics import classification_report, per_class_accuracy
 from ecvl.models.adapter import load_adapter
 from ecvl.models.clip import create_model
+from ecvl.precision import resolve_precision
 from ecvl.stage2 import predict_cached
 from pipeline.io import atomic_file, write_csv, write_json, write_text
 from pipeline.params import Params

@@ -32,9 +32,10 @@ from ecvl.data.image_store import ImageStoreWriter
 from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
 from ecvl.data.shards import Manifest, load_manifest
 from ecvl.distributed import resolve_device, world_info
-from ecvl.engine import encode_loader, resolve_precision
 from ecvl.errors import DataError, ModelError
+from ecvl.evaluation import encode_loader
 from ecvl.models.clip import ClipBundle
+from ecvl.precision import resolve_precision
 from ecvl.text import class_text_features
 from pipeline.artifacts import load_stage1, model_digest
 from pipeline.io import code_digest, fingerprint, replace, write_json

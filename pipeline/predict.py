@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from ecvl.classifier import Classifier, load_classifier
-from ecvl.engine import resolve_precision
 from ecvl.errors import DataError
 from ecvl.inference import ImageInput, collect_inputs, make_predict_loader, predict_topk
+from ecvl.precision import resolve_precision
 from pipeline.io import atomic_file
 
 log = logging.getLogger(__name__)

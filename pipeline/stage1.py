@@ -24,10 +24,11 @@ from ecvl.distributed import (
     shutdown,
     world_info,
 )
-from ecvl.engine import Stage1Config, Stage1Trainer, resolve_precision
 from ecvl.evaluation import evaluate_clip
 from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.models.clip import create_model, save_open_clip_dir
+from ecvl.precision import resolve_precision
+from ecvl.stage1 import Stage1Config, Stage1Trainer
 from ecvl.text import tokenize_prompts
 from pipeline.epochs import run_epochs, write_results
 from pipeline.io import atomic_dir, code_digest, fingerprint

@@ -25,12 +25,12 @@ from ecvl.data.embeddings import SplitData, open_embeddings
 from ecvl.data.image_store import ImageStore
 from ecvl.data.shards import Manifest, load_manifest
 from ecvl.distributed import resolve_device
-from ecvl.engine import resolve_precision
 from ecvl.errors import DataError
 from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.metrics import classification_report
 from ecvl.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ecvl.models.clip import ClipBundle
+from ecvl.precision import resolve_precision
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
 from pipeline.artifacts import load_stage1, model_digest

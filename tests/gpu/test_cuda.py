@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from ecvl.data.embeddings import open_embeddings
 from ecvl.data.image_store import ImageStore
-from ecvl.engine import resolve_precision
 from ecvl.models.adapter import ResidualAdapter
+from ecvl.precision import resolve_precision
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import predict_cached
 from pipeline.artifacts import load_stage1

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import ecvl.engine
+import ecvl.stage1
 import pipeline.stage1
 from ecvl.models.clip import create_model
 from pipeline.cli import main
@@ -81,20 +81,20 @@ def test_resume_after_kill_equals_straight_run(tmp_path, shards, monkeypatch):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     params = _params(resumed, shards)
-    real = ecvl.engine.Stage1Trainer.train_epoch
+    real = ecvl.stage1.Stage1Trainer.train_epoch
 
     def killed_in_epoch_2(self, *args, **kwargs):
         if self.epoch == 1:
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(ecvl.engine.Stage1Trainer, "train_epoch", killed_in_epoch_2)
+    monkeypatch.setattr(ecvl.stage1.Stage1Trainer, "train_epoch", killed_in_epoch_2)
     killed = _invoke("stage1", params)
     assert killed.exit_code == 130
     assert not (resumed / "models/stage1").exists()
     ckpt = torch.load(resumed / "checkpoints/stage1.pt", weights_only=True)
     assert ckpt["trainer"]["epoch"] == 1
-    monkeypatch.setattr(ecvl.engine.Stage1Trainer, "train_epoch", real)
+    monkeypatch.setattr(ecvl.stage1.Stage1Trainer, "train_epoch", real)
     assert _invoke("stage1", params).exit_code == 0
 
     a = load_file(straight / "models/stage1/open_clip_model.safetensors")
@@ -116,7 +116,7 @@ def test_nan_loss_names_epoch_and_step_and_keeps_last_good_checkpoint(
     tmp_path, shards, monkeypatch
 ):
     params = _params(tmp_path, shards)
-    real = ecvl.engine.stage1_loss
+    real = ecvl.stage1.stage1_loss
     calls = {"n": 0}
 
     def nan_in_epoch_2(*args, **kwargs):
@@ -124,7 +124,7 @@ def test_nan_loss_names_epoch_and_step_and_keeps_last_good_checkpoint(
         total, parts = real(*args, **kwargs)
         return (total * float("nan") if calls["n"] > 5 else total), parts  # 4 steps/epoch
 
-    monkeypatch.setattr(ecvl.engine, "stage1_loss", nan_in_epoch_2)
+    monkeypatch.setattr(ecvl.stage1, "stage1_loss", nan_in_epoch_2)
     result = _invoke("stage1", params)
     assert result.exit_code == 1
     assert "non-finite loss (nan) at epoch 2, step 2" in result.output
@@ -196,8 +196,8 @@ def test_embedded_default_is_clearly_above_chance_on_test(tmp_path):
     import yaml
 
     from ecvl.data.shards import load_manifest
-    from ecvl.engine import resolve_precision
     from ecvl.evaluation import evaluate_on_shards
+    from ecvl.precision import resolve_precision
     from ecvl.text import class_text_features
     from pipeline.params import load_params
 

@@ -1,18 +1,13 @@
-"""Stage-I engine behaviour that matters on GPUs, checked on the CPU."""
+"""Stage-I trainer and precision behaviour that matters on GPUs, checked on the CPU."""
 
 import pytest
 import torch
 from torch import nn
 
-from ecvl.engine import (
-    Stage1Config,
-    Stage1Trainer,
-    _ClipForward,
-    freeze_unused,
-    precision_for,
-)
 from ecvl.errors import TrainingError
 from ecvl.models.clip import create_model
+from ecvl.precision import precision_for
+from ecvl.stage1 import Stage1Config, Stage1Trainer, _ClipForward, freeze_unused
 from ecvl.text import tokenize_prompts
 
 

@@ -1,66 +1,28 @@
-"""Training and evaluation loops: they take objects, return results and know no paths.
+"""Stage I of ECVL: fine-tune both towers of an open_clip model with the stage-I loss.
 
-`Stage1Trainer` fine-tunes both towers of an open_clip model with the stage-I loss; its whole
-state (weights, optimizer, schedule, scaler, RNG, step) round-trips through `state_dict()`, so
-a run resumed from the end of epoch e is identical to one that never stopped. `predict` and
-`encode_loader` are the evaluation and embedding passes every stage shares.
+`Stage1Trainer`'s whole state (weights, optimizer, schedule, scaler, RNG, step) round-trips
+through `state_dict()`, so a run resumed from the end of epoch e is identical to one that never
+stopped. It takes objects and returns results; it knows no paths.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from ecvl.errors import TrainingError
 from ecvl.losses import stage1_loss
+from ecvl.precision import autocast
 from ecvl.text import encode_class_prompts
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Precision
-
-
-def precision_for(device_type: str, capability: tuple[int, int] | None = None) -> str:
-    """What `auto` means: bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0,
-    Ampere and newer), fp16 with a grad scaler on older GPUs (V100, T4, P100, where
-    `torch.cuda.is_bf16_supported()` also counts slow emulation), fp32 elsewhere."""
-    if device_type != "cuda":
-        return "fp32"
-    return "bf16" if capability is not None and tuple(capability) >= (8, 0) else "fp16"
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` → `precision_for(device)`; bf16/fp16 off CUDA fall back to fp32 (logged)."""
-    if precision != "auto":
-        if precision in ("bf16", "fp16") and device.type != "cuda":
-            log.info("precision %s needs CUDA; using fp32 on %s", precision, device)
-            return "fp32"
-        return precision
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return precision_for(device.type, capability)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for `precision` in fp32 | bf16 | fp16 (no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Stage I
 
 
 @dataclass(frozen=True)
@@ -324,53 +286,3 @@ class Stage1Trainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch = int(state["epoch"])
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation and embedding passes
-
-
-def _encoded(
-    model: nn.Module, batches: Iterable, device: torch.device, precision: str, normalize: bool
-) -> Iterator[tuple]:
-    model.eval()
-    with torch.inference_mode():
-        for images, labels, keys, *rest in batches:
-            with autocast(device, precision):
-                feats = model.encode_image(
-                    images.to(device, non_blocking=True), normalize=normalize
-                )
-            yield feats.float(), labels, list(keys), *rest
-
-
-def encode_loader(
-    model: nn.Module,
-    batches: Iterable,
-    device: torch.device,
-    precision: str = "fp32",
-    normalize: bool = False,
-) -> Iterator[tuple]:
-    """Image embeddings batch by batch: yields (features on CPU float32, labels, keys), then any
-    further fields of the batch unchanged (the export's encoded image bytes)."""
-    for feats, *rest in _encoded(model, batches, device, precision, normalize):
-        yield feats.cpu(), *rest
-
-
-def predict(
-    model: nn.Module,
-    batches: Iterable,
-    text_features: torch.Tensor,
-    device: torch.device,
-    precision: str = "fp32",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 6 predictions: argmax_c of v · u_c. Returns (y_true, y_pred) on CPU.
-
-    Features stay on the device; predictions come back to the host once, at the end."""
-    text = F.normalize(text_features.float().to(device), dim=-1)
-    y_true, y_pred = [], []
-    for feats, labels, _ in _encoded(model, batches, device, precision, normalize=True):
-        y_pred.append((feats @ text.T).argmax(dim=1))
-        y_true.append(labels)
-    if not y_true:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    return torch.cat(y_true).cpu(), torch.cat(y_pred).cpu()
