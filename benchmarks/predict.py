@@ -34,12 +34,11 @@ import numpy as np
 import torch
 from common import core_share_bound, data_alone_images_per_s
 from PIL import Image
-from safetensors.torch import save_file
 
 from ecvl.classifier import load_classifier, write_classifier
 from ecvl.data.sources import DigitsSource
 from ecvl.inference import collect_inputs, make_predict_loader
-from ecvl.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ResidualAdapter
+from ecvl.models.adapter import ResidualAdapter, save_head
 from ecvl.models.clip import create_model, save_open_clip_dir
 from pipeline.predict import write_predictions
 
@@ -53,10 +52,8 @@ def package_random(model_name: str, directory: Path) -> Path:
     bundle = create_model(model_name)
     save_open_clip_dir(bundle, None, directory / "stage1")
     head = directory / "head"
-    head.mkdir(parents=True)
     adapter = ResidualAdapter(bundle.embed_dim, 0.2, seed=0)
-    save_file(dict(adapter.state_dict()), str(head / ADAPTER_WEIGHTS))
-    (head / ADAPTER_CONFIG).write_text(json.dumps({"adapter": adapter.config()}))
+    save_head(head, adapter.state_dict(), adapter.config())
     out = directory / "classifier"
     out.mkdir()
     write_classifier(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from ecvl.errors import EcvlError
+from ecvl.errors import DeviceError, EcvlError
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_openmp_wait_policy
 from pipeline.schema import ParamsError
@@ -233,8 +233,8 @@ def predict(
 
     try:
         resolved = resolve_device(device)
-    except RuntimeError as e:
-        _fail(f"--device {device}: {e}", 2)
+    except DeviceError as e:
+        _fail(f"--device: {e}", 2)
     if fmt is None:
         fmt = "jsonl" if out.lower().endswith(".jsonl") else "csv"
     if batch_size is None:

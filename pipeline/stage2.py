@@ -11,7 +11,6 @@ between two modes leaves the previous run whole, never adapters of two runs side
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from ecvl.data.embeddings import SplitData, open_embeddings
 from ecvl.data.image_store import ImageStore
@@ -28,7 +26,7 @@ from ecvl.distributed import resolve_device
 from ecvl.errors import DataError
 from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.metrics import classification_report
-from ecvl.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ecvl.models.adapter import save_head
 from ecvl.models.clip import ClipBundle
 from ecvl.precision import resolve_precision
 from ecvl.reencode import SelectiveEncoder
@@ -264,10 +262,7 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
 def _write_mode(out, mode, state, config, trace, train, record) -> None:
     """One mode's adapter, its config with the run `record`, and its momentum trace."""
     out.mkdir()
-    save_file(state, str(out / ADAPTER_WEIGHTS))
-    (out / ADAPTER_CONFIG).write_text(
-        json.dumps({"adapter": config, "mode": mode, **record}, indent=2) + "\n"
-    )
+    save_head(out, state, config, mode=mode, **record)
     with h5py.File(out / "momentum_trace.h5", "w") as f:
         f.create_dataset("Lm", data=np.stack(trace["Lm"]), compression="gzip")
         f.create_dataset("M", data=np.stack(trace["M"]), compression="gzip")

@@ -147,12 +147,9 @@ def cached_world(directory: Path, pixels: np.ndarray, labels: np.ndarray) -> dic
 def tiny_classifier(directory: Path, num_classes: int = 4, seed: int = 0) -> Path:
     """A packaged classifier built without the pipeline: a random-init tiny ViT, a random
     residual adapter and random class text embeddings, written by `write_classifier`."""
-    import json
-
-    from safetensors.torch import save_file
 
     from ecvl.classifier import write_classifier
-    from ecvl.models.adapter import ResidualAdapter
+    from ecvl.models.adapter import ResidualAdapter, save_head
     from ecvl.models.clip import create_model, save_open_clip_dir
 
     with torch.random.fork_rng():
@@ -161,10 +158,8 @@ def tiny_classifier(directory: Path, num_classes: int = 4, seed: int = 0) -> Pat
         text = torch.randn(num_classes, bundle.embed_dim)
     save_open_clip_dir(bundle, None, directory / "stage1")
     head = directory / "head"
-    head.mkdir(parents=True)
     adapter = ResidualAdapter(bundle.embed_dim, 0.5, seed=seed)
-    save_file(dict(adapter.state_dict()), str(head / "adapter.safetensors"))
-    (head / "adapter.json").write_text(json.dumps({"adapter": adapter.config()}))
+    save_head(head, adapter.state_dict(), adapter.config())
     out = directory / "classifier"
     out.mkdir()
     write_classifier(

@@ -183,6 +183,22 @@ def build_adapter(
     return cls.from_config(config, state_dict)
 
 
+def save_head(
+    directory: str | os.PathLike[str],
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    **fields: Any,
+) -> None:
+    """Write a trained head as `load_adapter` reads it: `adapter.safetensors` (the weights, on the
+    CPU) and `adapter.json` (`{"adapter": config, **fields}`; `fields` record the run)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    safetensors.torch.save_file(weights, str(directory / ADAPTER_WEIGHTS))
+    record = {"adapter": dict(config), **fields}
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def load_adapter(directory: str | os.PathLike[str]) -> nn.Module:
     """The trained head saved in `directory` (`adapter.json` + `adapter.safetensors`), rebuilt by
     `build_adapter`, in eval mode on the CPU. Safetensors hold tensors only: nothing unpickled.
@@ -213,6 +229,7 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "INITS",
     "ResidualAdapter",
+    "save_head",
     "build_adapter",
     "load_adapter",
 ]

@@ -228,3 +228,24 @@ def test_predict_fails_with_one_line_and_writes_nothing(pipeline_run, tmp_path, 
     }[case]
     assert expected in line
     assert not out.exists() and not list(tmp_path.glob(".pred.csv*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_predict_on_a_missing_device_is_one_line(pipeline_run, tmp_path):
+    write_pngs(tmp_path / "in", 1)
+    out = tmp_path / "pred.csv"
+    result = _invoke(
+        "predict",
+        "--model",
+        pipeline_run / "models/classifier",
+        tmp_path / "in",
+        "--out",
+        out,
+        "--device",
+        "cuda",
+    )
+    assert result.exit_code == 2, result.output
+    (line,) = [s for s in result.stderr.splitlines() if s.startswith("error:")]
+    assert line == "error: --device: device 'cuda' asked for, but no CUDA device is visible"
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not out.exists()

@@ -18,7 +18,8 @@ from pipeline.params import load_params
 params = load_params(sys.argv[2])
 if sys.argv[3] == "0":
     params.base.__dict__["num_workers"] = 0
-stub = types.SimpleNamespace(run=lambda p: print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules))
+report = lambda p: print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)
+stub = types.SimpleNamespace(run=report)
 cli.importlib = types.SimpleNamespace(import_module=lambda name: stub)
 cli.run_loaded_stage(sys.argv[1], params)
 """
