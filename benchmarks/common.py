@@ -9,10 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from ecvl.data.shards import write_manifest, write_split_shards
 from ecvl.data.sources import DigitsSource
 from ecvl.stage1 import Stage1Config
+
+
+def cpu_preset_augments() -> dict[str, str]:
+    """{stage-I model: its train augmentation} for params.yaml and every preset that trains
+    from scratch (the ones sized for a CPU), first mention wins."""
+    root = Path(__file__).resolve().parent.parent
+    found: dict[str, str] = {}
+    for path in [root / "params.yaml", *sorted((root / "pipeline" / "presets").glob("*.yaml"))]:
+        stage1 = yaml.safe_load(path.read_text()).get("stage1", {})
+        if stage1.get("pretrained") is None and stage1.get("model"):
+            found.setdefault(stage1["model"], stage1.get("augment", "open_clip"))
+    return found
 
 
 def stage1_config(**overrides) -> Stage1Config:

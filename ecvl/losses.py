@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, TypeVar
 
 import torch
@@ -45,6 +45,7 @@ def image_to_text_loss(
     labels: torch.Tensor,
     logit_scale: torch.Tensor | float,
     reduction: Reduction = "mean",
+    logit_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 4: cross-entropy of `exp(logit_scale) * v_i . u_c` over all K classes.
 
@@ -54,13 +55,34 @@ def image_to_text_loss(
         labels: (B,) class indices in [0, K).
         logit_scale: log inverse temperature.
         reduction: "mean" over the batch, or "none" for the (B,) per-sample losses.
+        logit_offset: (K,) added to the logits (training-time logit adjustment, see
+            `logit_adjustment`); None adds nothing.
 
     Returns:
         A scalar, or (B,) with `reduction="none"`.
     """
     _check_pairs(image_features, text_features, labels)
     logits = _scale(logit_scale) * (image_features.float() @ text_features.float().T)
+    if logit_offset is not None:
+        logits = logits + logit_offset.float()
     return F.cross_entropy(logits, labels, reduction=_check_reduction(reduction))
+
+
+def logit_adjustment(class_counts: Sequence[int], tau: float) -> torch.Tensor:
+    """`tau * log(prior)` per class, the offset of the logit-adjusted loss (Menon et al. 2021,
+    "Long-tail learning via logit adjustment"): added to the logits in training only, it
+    makes a frequent class earn its margin, so the plain logits at test time are no longer
+    biased towards it. `tau = 0` gives zeros (the plain loss).
+
+    Raises:
+        ValueError: a class without train samples (its prior would be 0), or `tau < 0`.
+    """
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    if counts.numel() == 0 or bool((counts <= 0).any()):
+        raise ValueError("every class needs at least one train sample for its prior")
+    return (tau * torch.log(counts / counts.sum())).float()
 
 
 @_float32
@@ -106,6 +128,7 @@ def stage1_loss(
     logit_scale: torch.Tensor | float,
     w_i2t: float = 1.0,
     w_t2i: float = 1.0,
+    logit_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Stage-I loss `w_i2t * L_i2t + w_t2i * L_t2i` (`w_t2i = 0` gives eq. 4 alone).
 
@@ -116,11 +139,14 @@ def stage1_loss(
         logit_scale: log inverse temperature.
         w_i2t: weight of the image->text term.
         w_t2i: weight of the text->image term; with 0 it is reported but gets no gradient.
+        logit_offset: (K,) logit adjustment of the image->text term (None: none).
 
     Returns:
         The total loss and its detached parts `{"i2t": ..., "t2i": ...}` (for logging).
     """
-    i2t = image_to_text_loss(image_features, text_features, labels, logit_scale)
+    i2t = image_to_text_loss(
+        image_features, text_features, labels, logit_scale, logit_offset=logit_offset
+    )
     # With w_t2i = 0 the term is still reported, but kept out of the graph.
     with torch.set_grad_enabled(torch.is_grad_enabled() and w_t2i != 0):
         t2i = text_to_image_loss(image_features, text_features, labels, logit_scale)

@@ -41,6 +41,7 @@ class Stage1Config:
     logit_scale_max: float
     precision: str  # resolved: fp32 | bf16 | fp16
     text_batch_size: int | None  # prompts per checkpointed text-tower call; None = all
+    logit_offset: tuple[float, ...] | None = None  # (K,) of `ecvl.losses.logit_adjustment`
 
     @property
     def total_steps(self) -> int:
@@ -156,6 +157,11 @@ class Stage1Trainer:
         self.config = config
         self.device = device
         self.tokens = tokens.to(device)
+        self.logit_offset = (
+            None
+            if config.logit_offset is None
+            else torch.tensor(config.logit_offset, device=device)
+        )
         forward = _ClipForward(model, config.text_batch_size)
         self.frozen = freeze_unused(forward, self.tokens, device)
         if self.frozen:
@@ -203,7 +209,13 @@ class Stage1Trainer:
             with autocast(self.device, cfg.precision):
                 image_features, text_features, logit_scale = self.forward(images, self.tokens)
                 loss, parts = stage1_loss(
-                    image_features, text_features, labels, logit_scale, cfg.w_i2t, cfg.w_t2i
+                    image_features,
+                    text_features,
+                    labels,
+                    logit_scale,
+                    cfg.w_i2t,
+                    cfg.w_t2i,
+                    logit_offset=self.logit_offset,
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()

@@ -17,6 +17,7 @@ import yaml
 
 from ecvl.augment import OP_NAMES
 from ecvl.data.sources import SOURCES, default_prompt_templates
+from ecvl.data.transforms import TRAIN_AUGMENTS
 from pipeline.schema import ParamsError, bounds, build
 
 
@@ -177,6 +178,8 @@ class Stage1Params:
     shuffle_buffer: int = field(default=1000, metadata=bounds(ge=0, le=10**7))
     eval_batch_size: int = field(default=256, metadata=bounds(ge=1, le=_BATCH_MAX))
     text_batch_size: int | None = field(default=None, metadata=bounds(ge=1, le=_BATCH_MAX))
+    augment: Literal[TRAIN_AUGMENTS] = "open_clip"
+    logit_adjust: float = field(default=0.0, metadata=bounds(ge=0, le=10))
 
     def check(self, where: str) -> None:
         if self.w_i2t + self.w_t2i == 0:

@@ -12,10 +12,12 @@ import json
 import logging
 import math
 
+import open_clip
 import torch
 
 from ecvl.data.reader import check_shard_count, make_loader, take, train_pipeline
 from ecvl.data.shards import load_manifest
+from ecvl.data.transforms import train_transform
 from ecvl.distributed import (
     all_gather_objects,
     barrier,
@@ -25,6 +27,7 @@ from ecvl.distributed import (
     world_info,
 )
 from ecvl.evaluation import evaluate_clip
+from ecvl.losses import logit_adjustment
 from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.models.clip import create_model, save_open_clip_dir
 from ecvl.precision import resolve_precision
@@ -73,6 +76,11 @@ def _train(params: Params, world, device: torch.device) -> None:
         logit_scale_max=p.logit_scale_max,
         precision=precision,
         text_batch_size=p.text_batch_size,
+        logit_offset=(
+            tuple(logit_adjustment(manifest.train_counts, p.logit_adjust).tolist())
+            if p.logit_adjust
+            else None
+        ),
     )
     trainer = Stage1Trainer(bundle.model, tokens, config, device, ddp=world.distributed)
     run_id = fingerprint(
@@ -97,11 +105,14 @@ def _train(params: Params, world, device: torch.device) -> None:
         eval_split,
     )
     progress = params.base.progress and world.is_main
+    transform = train_transform(
+        p.augment, bundle.train_transform, open_clip.get_model_preprocess_cfg(bundle.model)
+    )
 
     def train() -> tuple[dict, dict]:
         pipe = train_pipeline(
             urls,
-            bundle.train_transform,
+            transform,
             p.batch_size,
             params.base.seed,
             trainer.epoch + 1,

@@ -9,6 +9,7 @@ import torch
 
 from ecvl.losses import (
     image_to_text_loss,
+    logit_adjustment,
     stage1_loss,
     text_to_image_loss,
     two_view_contrastive_loss,
@@ -61,6 +62,34 @@ def test_image_to_text_matches_hand_computation(batch):
     assert mean.item() == pytest.approx(sum(I2T_BY_HAND) / 4, abs=1e-6)
     # A float logit_scale gives the same value as the parameter.
     assert image_to_text_loss(image, text, labels, LOG_SCALE).item() == pytest.approx(mean.item())
+
+
+def test_logit_adjustment_is_tau_log_prior_and_shifts_the_logits(batch):
+    image, text, labels, scale = batch
+    offset = logit_adjustment([6, 3, 1], tau=1.0)
+    assert offset.tolist() == pytest.approx([math.log(0.6), math.log(0.3), math.log(0.1)])
+    assert logit_adjustment([6, 3, 1], tau=0.0).tolist() == [0.0, 0.0, 0.0]
+    # By hand: the offsets add to each row's logits [2 v.u_0, 2 v.u_1, 2 v.u_2].
+    rows = [[1.6, 1.2, 0.0], [1.2, 1.6, 0.0], [0.0, 1.2, 1.6], [2.0, 0.0, 0.0]]
+    by_hand = [
+        _lse([z + math.log(p) for z, p in zip(row, (0.6, 0.3, 0.1), strict=True)])
+        - (row[y] + math.log((0.6, 0.3, 0.1)[y]))
+        for row, y in zip(rows, LABELS, strict=True)
+    ]
+    adjusted = image_to_text_loss(image, text, labels, scale, reduction="none", logit_offset=offset)
+    assert adjusted.tolist() == pytest.approx(by_hand, abs=1e-6)
+    # A frequent class's images already have the prior's head start (lower loss, less push);
+    # the rare class's image must earn a larger margin (higher loss).
+    plain = image_to_text_loss(image, text, labels, scale, reduction="none")
+    assert adjusted[0] < plain[0] and adjusted[2] > plain[2]
+    total, parts = stage1_loss(image, text, labels, scale, logit_offset=offset)
+    assert parts["i2t"].item() == pytest.approx(adjusted.mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("counts, tau", [([3, 0, 1], 1.0), ([], 1.0), ([3, 1], -0.5)])
+def test_logit_adjustment_refuses_empty_classes_and_negative_tau(counts, tau):
+    with pytest.raises(ValueError):
+        logit_adjustment(counts, tau)
 
 
 def test_text_to_image_matches_hand_computation(batch):

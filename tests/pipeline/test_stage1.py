@@ -56,13 +56,22 @@ def test_stage1_writes_model_metrics_and_plots(tmp_path, shards):
     assert info["model"] == "ecvl-tiny-vit" and info["classes"][0] == "zero"
 
 
-def test_saved_model_loads_in_plain_open_clip_with_same_logits(tmp_path, shards):
-    assert _invoke("stage1", _params(tmp_path, shards)).exit_code == 0
+@pytest.mark.parametrize(
+    "model, settings",
+    [
+        ("ecvl-tiny-vit", {}),
+        # the CPU convolutional tower with the CIFAR-preset recipe: BatchNorm statistics travel too
+        ("ecvl-tiny-rn", {"augment": "crop_flip", "logit_adjust": 1.0}),
+    ],
+)
+def test_saved_model_loads_in_plain_open_clip_with_same_logits(tmp_path, shards, model, settings):
+    result = _invoke("stage1", _params(tmp_path, shards, model=model, **settings))
+    assert result.exit_code == 0, result.output
     model_dir = tmp_path / "models/stage1"
     plain = open_clip.create_model(f"local-dir:{model_dir}").eval()
-    ours = create_model("ecvl-tiny-vit", pretrained=model_dir).model.eval()
+    ours = create_model(model, pretrained=model_dir).model.eval()
     state = torch.load(tmp_path / "checkpoints/stage1.pt", weights_only=True)["trainer"]["model"]
-    trained = create_model("ecvl-tiny-vit").model
+    trained = create_model(model).model
     trained.load_state_dict(state)
     trained.eval()
     x = torch.randn(4, 3, 32, 32)
