@@ -59,6 +59,7 @@ __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "FORMAT",
     "FORMAT_VERSION",
+    "BANK_MEMORY_BYTES",
     "BANK_SPLIT",
     "EmbeddingWriter",
     "Embeddings",
@@ -90,6 +91,8 @@ _NORM_TOL = 1e-3
 BANK_SPLIT = "train"
 # Target bytes of one bank shard file (a few MB: few files, cheap rewrites of one block).
 _BANK_SHARD_BYTES = 8 << 20
+# Banks up to this size are read into memory by `Embeddings.bank`; larger ones stay on disk.
+BANK_MEMORY_BYTES = 1 << 30
 
 
 def bank_shard_rows(views: int, dim: int) -> int:
@@ -554,8 +557,10 @@ class Embeddings:
         """E, the base views banked per train sample (0: no bank)."""
         return int(self.attrs.get("bank_views", 0))
 
-    def bank(self) -> ViewBank:
-        """The train split's view bank (features read lazily, in chunks).
+    def bank(self, max_memory: int = BANK_MEMORY_BYTES) -> ViewBank:
+        """The train split's view bank: loaded when its features take at most `max_memory`
+        bytes (random reads from memory cost nothing), else read lazily per batch of samples
+        and never copied whole (ImageNet-LT's is 1.9 GB at d = 1024, E = 8).
 
         Raises:
             DataError: the store has no bank (exported with ``bank_views: 0``).
@@ -563,8 +568,11 @@ class Embeddings:
         if not self.bank_views:
             raise DataError(f"{self.path} has no view bank (it was exported with 0 bank views)")
         grp = self._root[BANK_SPLIT]
+        features = grp["bank"]
+        if features.nbytes <= max_memory:
+            features = features[...]
         return ViewBank(
-            grp["bank"],
+            features,
             grp["bank_boxes"][...],
             grp["bank_flips"][...],
             seed=int(grp["bank"].attrs["seed"]),

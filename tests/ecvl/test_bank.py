@@ -155,6 +155,11 @@ def test_bank_round_trips_through_the_store_and_plain_zarr(tmp_path, world):
 
     store = open_embeddings(path)
     bank = store.bank()
+    assert isinstance(bank.features, np.ndarray)  # small: read into memory
+    lazy = store.bank(max_memory=0)  # large: read per batch, never whole
+    assert isinstance(lazy.features, zarr.Array)
+    idx, ent = np.array([9, 2, 2, 0]), np.array([3, 1, 0, 3])
+    assert np.array_equal(lazy.rows(idx, ent), bank.rows(idx, ent))
     assert (bank.num_samples, bank.num_views, bank.dim) == (N, E, d)
     assert bank.seed == 5 and bank.checkpoint_digest == "sha256:x"
     idx, ent = np.array([7, 1, 7]), np.array([0, 3, 2])
