@@ -328,8 +328,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/stage2.json"))
     args = ap.parse_args()
     if args.quick:
-        args.images, args.pairs = 300, 1
-        args.scale_n, args.scale_k, args.scale_d = 6000, 100, 128
+        args.images, args.pairs = 200, 1
+        args.scale_n, args.scale_k, args.scale_d = 3000, 50, 64
 
     if args.scale_only:  # the child process: its peak RSS is the scale test's alone
         with tempfile.TemporaryDirectory() as tmp:

@@ -733,7 +733,7 @@ CASES: list[Case] = [
         "a view bank of another number of samples",
         "stage2",
         1,
-        "stage2: data/embeddings.zarr/train/bank: shape (??), expected (??)",
+        "stage2: data/embeddings.zarr/train/bank: shape (160, 8, 64), expected (159, 8, 64)",
         stage2_on_edited_bank(bank_of_other_n),
         upstream=True,
     ),
