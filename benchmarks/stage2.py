@@ -246,10 +246,11 @@ def scale(root: Path, n: int, k: int, d: int, batch_size: int) -> dict:
     """A contrast_standard epoch (+ its measurement pass) on synthetic caches of this shape,
     the bank read from a zarr store on disk in chunks."""
     rng = np.random.default_rng(0)
-    counts = np.maximum(5, (1280 * (5 / 1280) ** (np.arange(k) / (k - 1)))).astype(int)
-    counts = np.maximum(1, np.round(counts * n / counts.sum())).astype(int)
-    labels = np.repeat(np.arange(k), counts)[:n]
-    labels = np.concatenate([labels, rng.integers(k, size=n - labels.size)])
+    # ImageNet-LT's profile: 1,280 down to 5 images per class, scaled to n samples
+    profile = 1280 * (5 / 1280) ** (np.arange(k) / (k - 1))
+    counts = np.maximum(1, np.floor(profile * n / profile.sum())).astype(int)
+    counts[0] += n - counts.sum()  # every class keeps at least one sample
+    labels = rng.permutation(np.repeat(np.arange(k), counts))
     attrs = {"model_name": "synthetic", "checkpoint_digest": "0", "templates": ["{}"]}
     attrs["classes"] = [f"c{i}" for i in range(k)]
     path = root / "scale.zarr"
@@ -279,7 +280,7 @@ def scale(root: Path, n: int, k: int, d: int, batch_size: int) -> dict:
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     emb = open_embeddings(path)
-    bank = emb.bank()
+    bank = emb.bank(max_memory=0)  # read per batch from disk, as a bank this large is
     train = emb.split("train")
     encoder = SelectiveEncoder(
         train.features, _NoImages(n), torch.nn.Identity(), None, "cpu", bank=bank
@@ -300,7 +301,6 @@ def scale(root: Path, n: int, k: int, d: int, batch_size: int) -> dict:
         "dim": d,
         "bank_views": E,
         "bank_bytes": n * E * d * 2,
-        "bank_in_memory": isinstance(bank.features, np.ndarray),
         "write_seconds": write_s,
         "epoch_seconds": stats["seconds"],
         "measure_seconds": stats["measure_seconds"],
