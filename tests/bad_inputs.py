@@ -480,7 +480,7 @@ CASES: list[Case] = [
         "a misspelt stage-II mode",
         lambda p: p["stage2"].update(modes=["ecvl", "balad"]),
         "params.yaml: stage2.modes[1]: must be one of 'linear_probe', 'ballad', "
-        "'contrast_standard', 'ecvl', got 'balad' (did you mean 'ballad'?)",
+        "'contrast_standard', 'ecvl_uniform', 'ecvl', got 'balad' (did you mean 'ballad'?)",
     ),
     param_case(
         "mode-twice",
