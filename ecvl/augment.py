@@ -1,4 +1,4 @@
-"""Memory-driven RandAugment (ECVL eq. 10) and the fixed view transform of ablation 2.
+"""Memory-driven RandAugment (ECVL eq. 10) and the base views it is applied on top of.
 
 Two steps, so that a caller knows which views need pixels before it decodes any image:
 
@@ -290,30 +290,24 @@ def apply_plan(
     return out
 
 
-def standard_view_transform(
-    image: Image.Image,
+BaseView = tuple[tuple[int, int, int, int], bool]
+"""A base view: the crop box ``(x0, y0, x1, y1)`` in pixels and whether it is mirrored."""
+
+
+def sample_base_view(
+    size: tuple[int, int],
     rng: np.random.Generator | int,
     *,
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_p: float = 0.5,
-) -> Image.Image:
-    """Fixed, standard view for ablation 2: random resized crop + horizontal flip, same size.
+) -> BaseView:
+    """Draw the standard augmentation's parameters for an image of `size` = (w, h).
 
     The crop covers a fraction `scale` of the area with aspect ratio in `ratio` (log-uniform),
-    as torchvision's `RandomResizedCrop` samples it (10 tries, then a centre crop), and is
-    resized back to the image's own size (bicubic); MoCo v2's scale (0.2, 1) is the default.
-    Every view gets it, so every view must be re-encoded.
-
-    Args:
-        image: PIL image, any mode PIL can resize.
-        rng: generator or int seed.
-        scale: area fraction range of the crop, within (0, 1].
-        ratio: aspect ratio (w/h) range of the crop.
-        flip_p: probability of a horizontal flip.
-
-    Returns:
-        A new image of the input's size and mode.
+    as torchvision's `RandomResizedCrop` samples it (10 tries, then a centre crop); MoCo v2's
+    scale (0.2, 1) is the default. The flip is drawn last. Kept apart from `apply_base_view`
+    so that the view bank can store what made each view and rebuild it exactly.
 
     Raises:
         ValueError: invalid `scale`, `ratio` or `flip_p`.
@@ -325,7 +319,7 @@ def standard_view_transform(
     if not (0.0 <= flip_p <= 1.0):
         raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
     gen = _rng(rng)
-    w, h = image.size
+    w, h = size
     area = w * h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     box = None
@@ -349,10 +343,40 @@ def standard_view_transform(
             cw, ch = w, h
         x0, y0 = (w - cw) // 2, (h - ch) // 2
         box = (x0, y0, x0 + cw, y0 + ch)
-    out = image.resize((w, h), Image.Resampling.BICUBIC, box=box)
-    if gen.random() < flip_p:
-        out = ImageOps.mirror(out)
-    return out
+    return box, bool(gen.random() < flip_p)
+
+
+def apply_base_view(image: Image.Image, box: Sequence[int], flip: bool) -> Image.Image:
+    """Crop `box`, resize back to the image's own size (bicubic), mirror if `flip`: a new image
+    of the input's size and mode. Deterministic, so a banked view is rebuilt bit for bit."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    out = image.resize(image.size, Image.Resampling.BICUBIC, box=(x0, y0, x1, y1))
+    return ImageOps.mirror(out) if flip else out
+
+
+def standard_view_transform(
+    image: Image.Image,
+    rng: np.random.Generator | int,
+    *,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+) -> Image.Image:
+    """A fresh standard view (random resized crop + horizontal flip, same size): the base view
+    of `sample_base_view` applied by `apply_base_view`.
+
+    Args:
+        image: PIL image, any mode PIL can resize.
+        rng: generator or int seed.
+        scale: area fraction range of the crop, within (0, 1].
+        ratio: aspect ratio (w/h) range of the crop.
+        flip_p: probability of a horizontal flip.
+
+    Raises:
+        ValueError: invalid `scale`, `ratio` or `flip_p`.
+    """
+    box, flip = sample_base_view(image.size, rng, scale=scale, ratio=ratio, flip_p=flip_p)
+    return apply_base_view(image, box, flip)
 
 
 __all__ = [
@@ -361,7 +385,10 @@ __all__ = [
     "OpSpec",
     "PlannedOp",
     "ViewPlan",
+    "BaseView",
+    "apply_base_view",
     "apply_plan",
     "plan_views",
+    "sample_base_view",
     "standard_view_transform",
 ]

@@ -160,6 +160,7 @@ def two_view_contrastive_loss(
     z2: torch.Tensor,
     temperature: float = 0.1,
     reduction: Reduction = "mean",
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 11: NT-Xent (SimCLR) InfoNCE between two views of each of B samples.
 
@@ -169,13 +170,16 @@ def two_view_contrastive_loss(
         l(a, p) = -log( exp(a . p / t) / sum_{k != a} exp(a . z_k / t) )
 
     The per-sample loss is the mean of its two anchors' losses, `(l(z1_i, z2_i) +
-    l(z2_i, z1_i)) / 2`; "mean" averages it over the B samples.
+    l(z2_i, z1_i)) / 2`; "mean" averages it over the B samples. With `ids`, views of a sample
+    drawn more than once in the batch (same id) are left out of each other's negatives: a
+    sample is never its own negative.
 
     Args:
         z1: (B, d) first views.
         z2: (B, d) second views, row i the same sample as in `z1`.
         temperature: softmax temperature `tau_dcvl` (> 0).
         reduction: "mean", or "none" for the (B,) per-sample losses (for the momentum EMA).
+        ids: optional (B,) sample index of each row.
 
     Returns:
         A scalar, or (B,) with `reduction="none"`.
@@ -188,10 +192,17 @@ def two_view_contrastive_loss(
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     sim = (z @ z.T) / temperature
-    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
-    sim = sim.masked_fill(self_mask, float("-inf"))
     index = torch.arange(b, device=z.device)
     targets = torch.cat([index + b, index])
+    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    if ids is not None:
+        if ids.shape != (b,):
+            raise ValueError(f"ids must have shape ({b},), got {tuple(ids.shape)}")
+        both = ids.to(z.device).repeat(2)
+        same = both[:, None] == both[None, :]
+        same[torch.arange(2 * b, device=z.device), targets] = False  # keep the positive
+        self_mask = self_mask | same
+    sim = sim.masked_fill(self_mask, float("-inf"))
     per_anchor = F.cross_entropy(sim, targets, reduction="none")
     per_sample = 0.5 * (per_anchor[:b] + per_anchor[b:])
     return per_sample.mean() if reduction == "mean" else per_sample

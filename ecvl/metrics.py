@@ -34,6 +34,7 @@ __all__ = [
     "confusion_matrix",
     "macro_f1",
     "per_class_accuracy",
+    "spearman",
     "to_jsonable",
 ]
 
@@ -167,6 +168,27 @@ def classification_report(
     report["all_n"] = int(t.size)
     report["macro_f1"] = macro_f1(t, p, num_classes)
     return report
+
+
+def spearman(x: Any, y: Any) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant
+    or there are fewer than two pairs. Used for the stage-II diagnostic "class mean memorisation
+    score against class train count"."""
+    a, b = np.asarray(x, dtype=np.float64).reshape(-1), np.asarray(y, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"spearman needs two equal-length sequences, got {a.size} and {b.size}")
+    if a.size < 2:
+        return math.nan
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0 else math.nan
+
+
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + ends - 1) / 2.0)[inverse]
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -1,10 +1,11 @@
 """Selective re-encoding for stage II: cached embeddings for clean views, the encoder for the rest.
 
 DESIGN.md §1, "Re-encode only augmented views": a view to which memory-driven augmentation
-applied no op is exactly the image the export encoded, so its feature is the cached row; only
-views that were actually augmented are decoded from the image store, augmented, transformed
-and run through the frozen image encoder, in batches. Early in training, and for well-learned
-samples (low memorisation score), most views are clean and cost nothing.
+applied no op is exactly the image the export encoded, so its feature is a cached row: the clean
+embedding, or with a view bank (`entries`) the banked base view. Only views that were actually
+augmented are decoded from the image store, given their bank entry's crop and flip, augmented,
+transformed and run through the frozen image encoder, in batches. Early in training, and for
+well-learned samples (low memorisation score), most views are banked and cost nothing.
 
 Determinism: view ``j`` of a request with seed ``s`` draws its pixel randomness (Cutout's
 position, the standard view's crop and flip) from `view_rng(s, j)`, whichever thread runs it,
@@ -34,7 +35,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ecvl.augment import ViewPlan, apply_plan
+from ecvl.augment import BaseView, ViewPlan, apply_base_view, apply_plan
+from ecvl.data.embeddings import ViewBank
 from ecvl.data.image_store import ImageStore
 from ecvl.errors import DataError
 from ecvl.precision import autocast, resolve_precision
@@ -68,6 +70,8 @@ class ViewRequest:
             sample may appear several times (e.g. its two views).
         plans: one `ViewPlan` per view, an empty plan meaning a clean (cached) view; None
             means all views are clean, unless `view_transform` is given.
+        entries: one bank entry per view (needs the encoder's `bank`): the view starts from
+            that base view, and a clean one is its bank row; None: the clean cached embedding.
         seed: int or sequence of ints; view j's pixel randomness is `view_rng(seed, j)`.
         view_transform: ``f(image, rng) -> image`` applied to *every* view instead of plans
             (ablation 2, e.g. `ecvl.augment.standard_view_transform`); every view is re-encoded.
@@ -80,6 +84,11 @@ class ViewRequest:
     seed: Seed = 0
     view_transform: ViewTransform | None = None
     reencode_all: bool = False
+    entries: Any = None
+
+
+# (position, plan, base view) of one view that needs pixels
+_Work = tuple[int, ViewPlan | None, BaseView | None]
 
 
 @dataclass
@@ -87,8 +96,9 @@ class _Prepared:
     """A validated request: which rows come from the cache, which need pixel work."""
 
     indices: np.ndarray
+    entries: np.ndarray | None  # bank entry per view, or None (the clean cache)
     clean: np.ndarray  # positions served from the cache
-    work: list[tuple[int, list[tuple[int, ViewPlan | None]]]]  # (sample, [(position, plan)])
+    work: list[tuple[int, list[_Work]]]  # (sample, its views)
     n_work: int
     seed: Seed
     view_transform: ViewTransform | None
@@ -128,9 +138,11 @@ class SelectiveEncoder:
         prefetch: views of upcoming requests prepared ahead of the encoder in
             `encode_stream` (default ``2 * batch_size``); with workers their pixel work runs
             ahead too, inline it runs when the encoder needs it.
+        bank: the export's view bank (N×E base views), for requests with `entries`.
 
     Raises:
-        DataError: the cache and the image store differ in length, or the cache is not 2-D.
+        DataError: the cache, the image store and the bank differ in length or width, or the
+            cache is not 2-D.
         ValueError: non-positive `batch_size`, negative `num_workers` or `prefetch`.
 
     Counters (cumulative until `reset_counters`): ``clean_views``, ``reencoded_views``,
@@ -150,6 +162,7 @@ class SelectiveEncoder:
         batch_size: int = 256,
         num_workers: int = 0,
         prefetch: int | None = None,
+        bank: ViewBank | None = None,
     ) -> None:
         if isinstance(cached_features, torch.Tensor):
             cache = cached_features.detach()
@@ -163,6 +176,11 @@ class SelectiveEncoder:
                 f"images but the feature cache has {cache.shape[0]} rows; they must be the "
                 "same export's train split"
             )
+        if bank is not None and (bank.num_samples, bank.dim) != tuple(cache.shape):
+            raise DataError(
+                f"{bank.path} holds views of {bank.num_samples} samples of width {bank.dim}, "
+                f"the feature cache is {cache.shape[0]}×{cache.shape[1]}: not the same export"
+            )
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if int(num_workers) < 0:
@@ -170,6 +188,7 @@ class SelectiveEncoder:
         if prefetch is not None and int(prefetch) < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.cache = cache
+        self.bank = bank
         self.image_store = image_store
         self.encoder = encoder
         self.transform = transform
@@ -221,12 +240,14 @@ class SelectiveEncoder:
         *,
         view_transform: ViewTransform | None = None,
         reencode_all: bool = False,
+        entries: Any = None,
     ) -> tuple[torch.Tensor, int]:
         """Features of B views (see `ViewRequest` for the arguments).
 
         Returns:
             ``(features, n_reencoded)``: (B, d) float32 on `device` (row j = view j; a clean
-            view's row is its cached embedding cast to float32, bit for bit) and how many views
+            view's row is its cached or banked embedding cast to float32, bit for bit) and how
+            many views
             went through the encoder.
 
         Raises:
@@ -234,7 +255,7 @@ class SelectiveEncoder:
                 out of range.
             DataError: an image does not decode.
         """
-        request = ViewRequest(indices, plans, seed, view_transform, reencode_all)
+        request = ViewRequest(indices, plans, seed, view_transform, reencode_all, entries)
         return next(self.encode_stream([request]))
 
     def encode_stream(self, requests: Iterable[ViewRequest]) -> Iterator[tuple[torch.Tensor, int]]:
@@ -337,6 +358,17 @@ class SelectiveEncoder:
             raise ValueError("pass either plans or a view_transform, not both")
         if plans is not None and len(plans) != idx.size:
             raise ValueError(f"{len(plans)} plans for {idx.size} views")
+        entries = None
+        if request.entries is not None:
+            if self.bank is None:
+                raise ValueError("a request with bank entries needs an encoder with a bank")
+            if transform is not None:
+                raise ValueError("pass either bank entries or a view_transform, not both")
+            entries = np.asarray(request.entries).astype(np.int64, copy=False).reshape(-1)
+            if entries.size != idx.size:
+                raise ValueError(f"{entries.size} bank entries for {idx.size} views")
+            if entries.size and (entries.min() < 0 or entries.max() >= self.bank.num_views):
+                raise ValueError(f"bank entries must be in [0, {self.bank.num_views})")
         if transform is not None or request.reencode_all:
             work_pos = np.arange(idx.size)
         elif plans is None:
@@ -345,12 +377,14 @@ class SelectiveEncoder:
             work_pos = np.array([j for j, p in enumerate(plans) if p], dtype=np.int64)
         clean = np.setdiff1d(np.arange(idx.size), work_pos, assume_unique=True)
         # One decode per sample, however many of its views need pixels.
-        groups: dict[int, list[tuple[int, ViewPlan | None]]] = {}
+        groups: dict[int, list[_Work]] = {}
         for j in work_pos.tolist():
             plan = None if transform is not None else () if plans is None else plans[j]
-            groups.setdefault(int(idx[j]), []).append((j, plan))
+            base = None if entries is None else self.bank.base_view(int(idx[j]), int(entries[j]))
+            groups.setdefault(int(idx[j]), []).append((j, plan, base))
         return _Prepared(
             indices=idx,
+            entries=entries,
             clean=clean,
             work=list(groups.items()),
             n_work=int(work_pos.size),
@@ -379,19 +413,21 @@ class SelectiveEncoder:
         self,
         sample: int,
         data: bytes,
-        views: list[tuple[int, ViewPlan | None]],
+        views: list[_Work],
         seed: Seed,
         view_transform: ViewTransform | None,
     ) -> list[tuple[int, torch.Tensor]]:
-        """Decode sample once, then augment + transform each of its views (any thread)."""
+        """Decode sample once, then base view + augment + transform each of its views (any
+        thread)."""
         image = self.image_store.decode(sample, data)
         out = []
-        for position, plan in views:
+        for position, plan, base in views:
             rng = view_rng(seed, position)
             if view_transform is not None:
                 view = view_transform(image, rng)
             else:
-                view = apply_plan(image, plan, rng)
+                start = image if base is None else apply_base_view(image, *base)
+                view = apply_plan(start, plan, rng)
             out.append((position, self.transform(view)))
         return out
 
@@ -399,8 +435,14 @@ class SelectiveEncoder:
         """The request's output, its clean views filled from the cache."""
         out = torch.empty(prepared.indices.size, self.dim, dtype=torch.float32, device=self.device)
         if prepared.clean.size:
-            rows = torch.from_numpy(prepared.indices[prepared.clean]).to(self.cache.device)
             where = torch.from_numpy(prepared.clean).to(self.device)
+            if prepared.entries is not None:
+                banked = self.bank.rows(  # type: ignore[union-attr]
+                    prepared.indices[prepared.clean], prepared.entries[prepared.clean]
+                )
+                out[where] = torch.from_numpy(banked).to(self.device, non_blocking=True).float()
+                return out
+            rows = torch.from_numpy(prepared.indices[prepared.clean]).to(self.cache.device)
             out[where] = self.cache[rows].to(self.device, non_blocking=True).float()
         return out
 

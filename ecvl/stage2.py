@@ -1,37 +1,39 @@
 """Stage II of ECVL (Algorithm 2): a balanced residual adapter with momentum-driven augmentation.
 
-The image encoder and the class text features are frozen; only the residual adapter of eq. 7
-trains, on class-balanced draws (eq. 12). Three modes are the rows of the paper's Table 5, and
-one is the baseline a user tries first:
+The image encoder and the class text features are frozen; only the head trains. What a mode
+does is its `ModeSpec` in `MODES` (the rows of the paper's Table 5, nested, and a baseline):
 
 ``linear_probe``
-    A plain K-way linear classifier (`ecvl.models.linear_probe.LinearProbe`) on the cached
-    embeddings with cross-entropy; no class prompts, no adapter, one clean view per draw. Run
-    it with the ``instance`` sampler for the "long-tailed sampling" baseline.
+    A plain K-way linear classifier on the clean cached embeddings with cross-entropy and
+    long-tailed (instance) sampling: the baseline a user tries first.
 ``ballad``
-    Adapter + balanced sampling + classification loss (eq. 4 on `v*`); one clean view per
-    draw, read from the export's cache. The encoder is never called.
+    Adapter + class-balanced sampling + classification loss (eq. 4 on `v*`), one base view
+    per draw from the export's view bank. The encoder is never called.
 ``contrast_standard``
-    Two views per draw, each from a fixed standard augmentation
-    (`ecvl.augment.standard_view_transform`: random resized crop + flip), so every view is
-    re-encoded; loss = classification (mean over the two views) + `w_dcvl` * two-view
-    contrastive loss (eq. 11). No memory-driven augmentation.
+    + two different bank views per draw and the contrastive loss of eq. 11: still nothing
+    re-encoded.
 ``ecvl``
-    The full method: two views per draw, each planned by eq. 10 from the memorisation scores
-    `M_i` (eq. 9) of the momentum losses after the previous epoch; epoch 1 has no scores, so
-    its views are all clean (cached) and nothing is re-encoded. Same loss as above.
+    + memory-driven RandAugment (eq. 10) on top of the two base views, planned from the
+    memorisation scores `M_i` (eq. 9); a view that draws ops is rebuilt from the image store
+    (its bank entry's crop and flip, then the ops) and re-encoded. Epoch 1 has no scores.
+``ecvl_uniform``
+    The control: as ``ecvl`` with every `M_i` set to the mean score (the same expected
+    augmentation strength, no per-sample signal).
 
-In every mode each draw's total loss `L_i` (classification, plus `w_dcvl` * DCVL when there
-are two views) feeds the per-sample momentum EMA (eq. 8), one `MomentumTracker.end_epoch()`
-per epoch. Only `ecvl` feeds the scores back into augmentation; in the ablations they are
-tracked for the per-sample trace and the epoch log alone, so the three rows' traces compare.
+The score every sample earns every epoch (DESIGN.md §1, "Momentum loss"): after each epoch's
+training, one pass over all N train samples (no gradient, two bank views each, no RandAugment,
+batches of `batch_size` in a seeded order) measures each sample's contrastive loss (the mean
+over its two views; ``momentum_loss="total"`` adds the classification loss), and eq. 8 folds it
+into every sample's EMA. Draw counts under balanced sampling differ by orders of magnitude
+between Many and Few samples, so losses seen during training are not comparable; this pass is.
 
 Mixed precision concerns the frozen encoder only (`SelectiveEncoder(precision=...)`); the
 adapter is one d×d layer and trains in fp32, so it needs no autocast and no grad scaler.
 
-All randomness is a pure function of ``(seed, epoch, step)`` (sampler order, view plans, pixel
-randomness), so a run resumed from the end of epoch e replays exactly what an uninterrupted
-run would have done; the trainer state holds no RNG state beyond the seed and the epoch.
+All randomness is a pure function of ``(seed, epoch, step)`` (sampler order, bank entries, view
+plans, pixel randomness, the measurement order), so a run resumed from the end of epoch e
+replays exactly what an uninterrupted run would have done; the trainer state holds the EMA and
+the momentum trace, and no RNG state beyond the seed and the epoch.
 """
 
 from __future__ import annotations
@@ -50,13 +52,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ecvl.augment import plan_views, standard_view_transform
+from ecvl.augment import plan_views
 from ecvl.data.longtail import GROUPS
 from ecvl.errors import DataError, TrainingError
 from ecvl.losses import image_to_text_loss, two_view_contrastive_loss
+from ecvl.metrics import spearman
 from ecvl.models.adapter import ResidualAdapter
 from ecvl.models.heads import class_logits
 from ecvl.models.linear_probe import LinearProbe
+from ecvl.modes import MODES, MOMENTUM_LOSSES, ModeSpec
 from ecvl.momentum import MomentumTracker
 from ecvl.reencode import SelectiveEncoder, ViewRequest
 from ecvl.samplers import SAMPLERS, build_sampler
@@ -64,12 +68,20 @@ from ecvl.stage1 import cosine_with_warmup
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "STATE_FORMAT", "Stage2Config", "Stage2Trainer", "predict_cached"]
+__all__ = [
+    "MODES",
+    "MOMENTUM_LOSSES",
+    "STATE_FORMAT",
+    "ModeSpec",
+    "Stage2Config",
+    "Stage2Trainer",
+    "predict_cached",
+]
 
-MODES = ("linear_probe", "ballad", "contrast_standard", "ecvl")
 STATE_FORMAT = "ecvl-stage2-trainer"
-# Distinct SeedSequence streams per (seed, epoch, step): view plans and pixel randomness.
-_PLAN_STREAM, _PIXEL_STREAM = 1, 2
+# Distinct SeedSequence streams per (seed, epoch, step): view plans, pixel randomness, bank
+# entries of the training views, and the measurement pass's order and entries.
+_PLAN_STREAM, _PIXEL_STREAM, _ENTRY_STREAM, _MEASURE_STREAM = 1, 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,8 +91,8 @@ class Stage2Config:
 
     Attributes:
         epochs: number of epochs.
-        batch_size: draws per optimisation step (two views each in ``contrast_standard``
-            and ``ecvl``).
+        batch_size: draws per optimisation step (two views each in the two-view modes), and
+            samples per batch of the measurement pass.
         logit_scale: the stage-I model's fixed log inverse temperature
             (`1/tau = exp(logit_scale)`), a float.
         lr: AdamW learning rate (peak of the cosine schedule).
@@ -92,11 +104,13 @@ class Stage2Config:
         k: ops drawn per view by the memory-driven augmentation (eq. 10).
         tau_dcvl: temperature of the two-view contrastive loss (eq. 11).
         w_dcvl: weight of the contrastive loss.
-        sampler: "balanced" (eq. 12) or "instance".
+        sampler: "balanced" (eq. 12) or "instance" (a mode's own `ModeSpec.sampler` wins).
         draws_per_epoch: draws per epoch (None: N, the number of train samples).
-        mode: "linear_probe", "ballad", "contrast_standard" or "ecvl" (see the module
-            docstring).
-        seed: seeds the sampler, the view plans, the pixel randomness and a built head.
+        mode: a key of `MODES`.
+        seed: seeds the sampler, the bank entries, the view plans, the pixel randomness, the
+            measurement pass and a built head.
+        momentum_loss: the loss the measurement pass tracks: "contrastive" (eq. 11 per sample,
+            mean over its two views, as BCL) or "total" (+ the classification loss).
     """
 
     epochs: int
@@ -114,6 +128,7 @@ class Stage2Config:
     draws_per_epoch: int | None
     mode: str
     seed: int
+    momentum_loss: str = "contrastive"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -122,13 +137,28 @@ class Stage2Config:
             raise ValueError(
                 f"unknown sampler {self.sampler!r} (known: {', '.join(sorted(SAMPLERS))})"
             )
+        if self.momentum_loss not in MOMENTUM_LOSSES:
+            raise ValueError(
+                f"unknown momentum_loss {self.momentum_loss!r} "
+                f"(known: {', '.join(MOMENTUM_LOSSES)})"
+            )
         if not math.isfinite(self.logit_scale):  # read from the stage-I model, not a param
             raise ValueError(f"logit_scale must be finite, got {self.logit_scale}")
 
     @property
-    def two_views(self) -> bool:
-        """Whether each draw has two views and the contrastive loss."""
-        return self.mode in ("contrast_standard", "ecvl")
+    def spec(self) -> ModeSpec:
+        """The mode's spec."""
+        return MODES[self.mode]
+
+
+def _bank_entries(rng: np.random.Generator, b: int, views: int, num_views: int) -> np.ndarray:
+    """Bank entries of `views` views of each of b draws, (views * b,): the views of one draw
+    take different entries (`num_views` >= `views`)."""
+    first = rng.integers(num_views, size=b)
+    if views == 1:
+        return first
+    second = (first + 1 + rng.integers(num_views - 1, size=b)) % num_views
+    return np.concatenate([first, second])
 
 
 class Stage2Trainer:
@@ -137,10 +167,11 @@ class Stage2Trainer:
     Args:
         head: the head to train (e.g. a `ResidualAdapter`), or None to build
             `ResidualAdapter(d, config.residual_ratio, seed=config.seed)` (a
-            `LinearProbe(d, K)` in mode ``linear_probe``). Moved to `device`.
+            `LinearProbe(d, K)` for a ``linear_probe`` spec). Moved to `device`.
         text_features: (K, d) class text embeddings `u_c` (normalised again here), frozen.
         train_labels: (N,) class of every train sample, aligned with the encoder's cache.
-        encoder: the `SelectiveEncoder` serving cached rows and re-encoded views.
+        encoder: the `SelectiveEncoder` serving cached rows, banked views and re-encoded
+            views; a mode whose views start from the bank needs its `bank`.
         config: the settings.
         device: where the head trains (the encoder's device is its own).
         class_groups: optional group ("many", "medium", "few") of each class, for the
@@ -148,7 +179,8 @@ class Stage2Trainer:
 
     Raises:
         DataError: labels, cache, image store, text features or class groups disagree in
-            size, or a label is out of range.
+            size, a label is out of range, or the mode needs a view bank the encoder lacks
+            (or one with fewer than two views per sample).
         ValueError: a head whose `residual_ratio` differs from the config's.
     """
 
@@ -164,6 +196,7 @@ class Stage2Trainer:
         class_groups: Sequence[str] | None = None,
     ) -> None:
         self.config = config
+        self.spec = config.spec
         self.device = torch.device(device)
         self.encoder = encoder
         text = torch.as_tensor(
@@ -203,6 +236,15 @@ class Stage2Trainer:
             )
         self.train_labels = labels
         self._labels = torch.from_numpy(labels).to(self.device)
+        self.class_counts = np.bincount(labels, minlength=self.num_classes)
+
+        needed = self.spec.bank_views_needed
+        have = 0 if encoder.bank is None else encoder.bank.num_views
+        if have < needed:
+            raise DataError(
+                f"stage-II mode {config.mode!r} starts its views from the view bank and needs "
+                f"at least {needed} bank views per sample, the export has {have}"
+            )
 
         self.class_groups: np.ndarray | None = None
         if class_groups is not None:
@@ -217,7 +259,7 @@ class Stage2Trainer:
                 raise DataError(f"unknown class group(s) {unknown}; known: {list(GROUPS)}")
             self.class_groups = groups
 
-        if head is None and config.mode == "linear_probe":
+        if head is None and self.spec.head == "linear_probe":
             head = LinearProbe(encoder.dim, self.num_classes)
         elif head is None:
             head = ResidualAdapter(encoder.dim, config.residual_ratio, seed=config.seed)
@@ -231,7 +273,7 @@ class Stage2Trainer:
         self.draws_per_epoch = config.draws_per_epoch or encoder.num_samples
         self.steps_per_epoch = -(-self.draws_per_epoch // config.batch_size)
         self.sampler = build_sampler(
-            config.sampler,
+            self.spec.sampler or config.sampler,
             labels,
             num_samples=self.draws_per_epoch,
             seed=config.seed,
@@ -251,45 +293,60 @@ class Stage2Trainer:
             self.optimizer, lambda step: cosine_with_warmup(step, config.warmup_steps, total)
         )
         self.momentum = MomentumTracker(encoder.num_samples, config.beta)
+        # Per-sample Lm and M after every epoch (float32, one (N,) array per epoch), for
+        # `momentum_trace.h5`; part of the state, so a resumed run writes the whole trace.
+        self.trace: dict[str, list[np.ndarray]] = {"Lm": [], "M": []}
         self.epoch = 0  # epochs completed
 
     # -- training -----------------------------------------------------------------------------
+
+    def _augment_scores(self) -> np.ndarray | None:
+        """The scores eq. 10 plans this epoch's views with, or None (no augmentation)."""
+        if self.spec.augment == "none" or not self.momentum.has_scores:
+            return None  # Algorithm 2, line 3: no scores yet, base views only
+        scores = self.momentum.scores().numpy()
+        if self.spec.augment == "uniform":
+            return np.full_like(scores, scores.mean())
+        return scores
 
     def _requests(
         self, epoch: int, order: np.ndarray, scores: np.ndarray | None
     ) -> Iterator[ViewRequest]:
         """The views of every step of the epoch; a function of (seed, epoch, step) only."""
-        cfg = self.config
+        cfg, spec = self.config, self.spec
         bs = cfg.batch_size
         for step in range(self.steps_per_epoch):
             idx = order[step * bs : (step + 1) * bs]
-            pixel_seed = (cfg.seed, epoch, step, _PIXEL_STREAM)
-            if not cfg.two_views:
+            if spec.source == "cache":
                 yield ViewRequest(idx)
                 continue
-            views = np.concatenate([idx, idx])  # rows [0, b): first views, [b, 2b): second
-            if cfg.mode == "contrast_standard":
-                yield ViewRequest(views, seed=pixel_seed, view_transform=standard_view_transform)
-            elif scores is None:  # Algorithm 2, line 3: no scores yet, no augmentation
-                yield ViewRequest(views, [()] * views.size, seed=pixel_seed)
-            else:
-                rng = np.random.default_rng([cfg.seed, epoch, step, _PLAN_STREAM])
-                plans = plan_views(scores[views], cfg.k, rng)
-                yield ViewRequest(views, plans, seed=pixel_seed)
+            # rows [0, b): first views, [b, 2b): second views of the same draws
+            views = np.tile(idx, spec.views)
+            rng = np.random.default_rng([cfg.seed, epoch, step, _ENTRY_STREAM])
+            entries = _bank_entries(rng, idx.size, spec.views, self.encoder.bank.num_views)
+            plans = None
+            if scores is not None:
+                plan_rng = np.random.default_rng([cfg.seed, epoch, step, _PLAN_STREAM])
+                plans = plan_views(scores[views], cfg.k, plan_rng)
+            seed = (cfg.seed, epoch, step, _PIXEL_STREAM)
+            yield ViewRequest(views, plans, seed=seed, entries=entries)
 
     def train_epoch(self, progress: bool = True) -> dict[str, Any]:
-        """Train one epoch; returns its statistics.
+        """Train one epoch, then (for a measuring mode) score every sample; returns its
+        statistics.
 
         Returns:
             ``epoch``, ``mode``, ``steps``, ``draws``, ``lr`` (after the epoch);
             ``loss``, ``loss_cls``, ``loss_dcvl``: means over the epoch's draws (``loss_dcvl``
             is 0.0 with one view); ``views``, ``clean_views``, ``reencoded_views``,
             ``reencoded_fraction``, ``encode_seconds``, ``pixel_wait_seconds`` (from the
-            encoder's counters, this epoch only); ``drawn_samples`` (distinct samples drawn);
-            after this epoch's EMA update: ``momentum_loss_mean`` (mean `Lm` over seen samples),
-            ``score_mean`` (0.5 by construction of eq. 9), ``score_std``, and with
-            `class_groups` ``score_mean_many`` / ``_medium`` / ``_few`` (NaN for an empty
-            group); ``seconds`` and ``draws_per_s``.
+            encoder's counters, this epoch's training only); ``drawn_samples`` (distinct
+            samples drawn); after the measurement pass (NaN for a mode without one):
+            ``momentum_loss_mean`` (mean `Lm`), ``score_mean`` (0.5 by construction of eq. 9),
+            ``score_std``, with `class_groups` ``score_mean_many`` / ``_medium`` / ``_few``
+            (NaN for an empty group), ``score_count_spearman`` (Spearman correlation between a
+            class's mean M and its train count), ``measure_seconds``; ``seconds`` (training
+            and measurement) and ``draws_per_s``.
 
         Raises:
             TrainingError: a non-finite loss (names the epoch and step; the trainer's state is
@@ -303,9 +360,7 @@ class Stage2Trainer:
         self.head.train()
         self.sampler.set_epoch(epoch)
         order = self.sampler.indices()
-        scores = None
-        if cfg.mode == "ecvl" and self.momentum.has_scores:
-            scores = self.momentum.scores().numpy()
+        scores = self._augment_scores()
         before = self.encoder.counters
         # total, cls, dcvl summed over the draws, on the device (MPS has no float64)
         wide = torch.float32 if self.device.type == "mps" else torch.float64
@@ -321,29 +376,32 @@ class Stage2Trainer:
         )
         with contextlib.closing(stream), bar:
             for step, (features, _) in enumerate(stream, start=1):
-                idx = order[(step - 1) * bs : step * bs]
-                total, cls, dcvl = self._losses(features, torch.from_numpy(idx))
-                # The one host sync of a step: the momentum EMA lives on the host.
-                per_draw = total.detach().cpu()
-                if not torch.isfinite(per_draw).all():
+                idx = torch.from_numpy(order[(step - 1) * bs : step * bs])
+                total, cls, dcvl = self._losses(features, idx)
+                loss = total.mean()
+                if not torch.isfinite(loss.detach()).item():
                     raise TrainingError(
-                        f"non-finite stage-II loss ({per_draw.mean().item()}) at epoch {epoch}, "
+                        f"non-finite stage-II loss ({loss.item()}) at epoch {epoch}, "
                         f"step {step}; lower the learning rate"
                     )
-                loss = total.mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 self.scheduler.step()
-                self.momentum.update(idx, per_draw)
                 sums += torch.stack([total.detach().sum(), cls.detach().sum(), dcvl.detach().sum()])
                 bar.update(1)
                 if step % 25 == 0:
-                    bar.set_postfix(loss=f"{per_draw.mean().item():.3f}")
-        drawn = self.momentum.end_epoch()
-        self.epoch = epoch
-        seconds = time.perf_counter() - start
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
         after = self.encoder.counters
+        measured = time.perf_counter()
+        if self.spec.measure:
+            self._measure(epoch)
+        measure_seconds = time.perf_counter() - measured
+        self.epoch = epoch
+        lm, m = self.momentum_snapshot()
+        self.trace["Lm"].append(lm.astype(np.float32))
+        self.trace["M"].append(m.astype(np.float32))
+        seconds = time.perf_counter() - start
         delta = {k: after[k] - before[k] for k in after}
         n = len(order)
         views = int(delta["clean_views"] + delta["reencoded_views"])
@@ -363,13 +421,15 @@ class Stage2Trainer:
             "reencoded_fraction": delta["reencoded_views"] / views if views else 0.0,
             "encode_seconds": float(delta["encode_seconds"]),
             "pixel_wait_seconds": float(delta["pixel_wait_seconds"]),
-            "drawn_samples": drawn,
-            **self._score_stats(),
+            "drawn_samples": int(np.unique(order).size),
+            **self._score_stats(lm, m),
+            "measure_seconds": measure_seconds,
             "seconds": seconds,
             "draws_per_s": n / seconds if seconds > 0 else math.nan,
         }
         log.info(
-            "stage2 %s epoch %d/%d: loss %.4f (cls %.4f, dcvl %.4f), %d/%d views re-encoded, %.1fs",
+            "stage2 %s epoch %d/%d: loss %.4f (cls %.4f, dcvl %.4f), %d/%d views re-encoded, "
+            "%.1fs (measurement %.1fs)",
             cfg.mode,
             epoch,
             cfg.epochs,
@@ -379,36 +439,79 @@ class Stage2Trainer:
             stats["reencoded_views"],
             views,
             seconds,
+            measure_seconds,
         )
         return stats
 
     def _losses(
         self, features: torch.Tensor, idx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-draw (total, classification, contrastive) losses, each (b,)."""
-        cfg = self.config
+        """Per-draw (total, classification, contrastive) losses, each (b,); `features` holds
+        the spec's views of the b draws `idx`, view by view."""
+        cfg, spec = self.config, self.spec
         labels = self._labels[idx.to(self._labels.device)]
-        if cfg.mode == "linear_probe":
+        if spec.head == "linear_probe":
             cls = F.cross_entropy(self.head(features.to(self.device)), labels, reduction="none")
             return cls, cls, torch.zeros_like(cls)
         adapted = self.head(features.to(self.device))
         v = F.normalize(adapted, dim=-1)
-        if not cfg.two_views:
-            cls = image_to_text_loss(
-                v, self.text_features, labels, cfg.logit_scale, reduction="none"
-            )
-            return cls, cls, torch.zeros_like(cls)
         b = labels.shape[0]
         per_view = image_to_text_loss(
-            v, self.text_features, labels.repeat(2), cfg.logit_scale, reduction="none"
+            v, self.text_features, labels.repeat(spec.views), cfg.logit_scale, reduction="none"
         )
-        cls = 0.5 * (per_view[:b] + per_view[b:])
-        dcvl = two_view_contrastive_loss(adapted[:b], adapted[b:], cfg.tau_dcvl, reduction="none")
+        cls = per_view.reshape(spec.views, b).mean(dim=0)
+        if not spec.contrastive:
+            return cls, cls, torch.zeros_like(cls)
+        # a sample drawn twice in the batch is not its own negative
+        ids = idx.to(adapted.device)
+        dcvl = two_view_contrastive_loss(
+            adapted[:b], adapted[b:], cfg.tau_dcvl, reduction="none", ids=ids
+        )
         return cls + cfg.w_dcvl * dcvl, cls, dcvl
 
-    def _score_stats(self) -> dict[str, float]:
-        lm, m = self.momentum_snapshot()
-        seen = self.momentum.seen.numpy()
+    @torch.no_grad()
+    def _measure(self, epoch: int) -> None:
+        """The measurement pass: every sample's loss on two bank views, folded into eq. 8."""
+        cfg, n = self.config, self.encoder.num_samples
+        rng = np.random.default_rng([cfg.seed, epoch, _MEASURE_STREAM])
+        # near-equal batches of at most batch_size: no tiny last batch without negatives
+        batches = np.array_split(rng.permutation(n), -(-n // cfg.batch_size))
+        num_views = self.encoder.bank.num_views
+
+        def requests() -> Iterator[ViewRequest]:
+            for step, idx in enumerate(batches):
+                step_rng = np.random.default_rng([cfg.seed, epoch, step, _MEASURE_STREAM])
+                entries = _bank_entries(step_rng, idx.size, 2, num_views)
+                yield ViewRequest(np.tile(idx, 2), entries=entries)
+
+        was_training = self.head.training
+        self.head.eval()
+        stream = self.encoder.encode_stream(requests())
+        try:
+            with contextlib.closing(stream):
+                for idx, (features, _) in zip(batches, stream, strict=True):
+                    adapted = self.head(features.to(self.device))
+                    b = idx.size
+                    loss = two_view_contrastive_loss(
+                        adapted[:b], adapted[b:], cfg.tau_dcvl, reduction="none"
+                    )
+                    if cfg.momentum_loss == "total":
+                        labels = self._labels[torch.from_numpy(idx).to(self._labels.device)]
+                        per_view = image_to_text_loss(
+                            F.normalize(adapted, dim=-1),
+                            self.text_features,
+                            labels.repeat(2),
+                            cfg.logit_scale,
+                            reduction="none",
+                        )
+                        loss = per_view.reshape(2, b).mean(dim=0) + cfg.w_dcvl * loss
+                    self.momentum.update(idx, loss.cpu())
+        finally:
+            self.head.train(was_training)
+        self.momentum.end_epoch()
+
+    def _score_stats(self, lm: np.ndarray, m: np.ndarray) -> dict[str, float]:
+        seen = ~np.isnan(lm)
         out = {
             "momentum_loss_mean": float(lm[seen].mean()) if seen.any() else math.nan,
             "score_mean": float(m[seen].mean()) if seen.any() else math.nan,
@@ -419,6 +522,14 @@ class Stage2Trainer:
             for g in GROUPS:
                 mask = (sample_group == g) & seen
                 out[f"score_mean_{g}"] = float(m[mask].mean()) if mask.any() else math.nan
+        out["score_count_spearman"] = math.nan
+        if seen.any():
+            counts = np.bincount(self.train_labels[seen], minlength=self.num_classes)
+            sums = np.bincount(self.train_labels[seen], weights=m[seen], minlength=self.num_classes)
+            present = counts > 0
+            out["score_count_spearman"] = spearman(
+                sums[present] / counts[present], self.class_counts[present]
+            )
         return out
 
     # -- inspection and checkpoints -----------------------------------------------------------
@@ -448,6 +559,7 @@ class Stage2Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "momentum": self.momentum.state_dict(),
+            "trace": {k: [torch.from_numpy(a) for a in v] for k, v in self.trace.items()},
             # Every random draw is a function of (seed, epoch, step): nothing else to save.
             "rng": {"seed": self.config.seed, "epoch": self.epoch},
         }
@@ -476,6 +588,8 @@ class Stage2Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.momentum.load_state_dict(state["momentum"])
+        trace = state.get("trace", {})
+        self.trace = {k: [torch.as_tensor(a).numpy() for a in trace.get(k, ())] for k in self.trace}
         self.epoch = int(state["epoch"])
 
 

@@ -3,7 +3,9 @@
 Rows: zero-shot (the backbone before stage I, through the shards), stage I (eq. 6 on the
 export's cached embeddings) and stage II, one row per trained mode (the paper's Table 5
 ablations). Columns: Many / Medium / Few / All accuracy and macro F1, on test and on val when
-the dataset has one. Group membership comes from the shard manifest.
+the dataset has one. Group membership comes from the shard manifest. Plots: per-class
+accuracy against train count (`per_class.png`) and, from the stage-II momentum traces, each
+class's mean memorisation score against its train count (`class_scores.png`).
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ ROW_NAMES = {
     "stage1": "Stage I (fine-tuned)",
     "stage2_linear_probe": "Linear probe (cross-entropy, long-tailed sampling)",
     "stage2_ballad": "Stage II: adapter + balanced sampling (BALLAD-like)",
-    "stage2_contrast_standard": "Stage II: + two-view contrastive loss, standard views",
+    "stage2_contrast_standard": "Stage II: + two base views and the contrastive loss",
+    "stage2_ecvl_uniform": "Stage II: ECVL with every score = the mean (control)",
     "stage2_ecvl": "Stage II: full ECVL",
 }
+TRACE = "momentum_trace.h5"
 
 
 def run(params: Params) -> None:
@@ -211,6 +215,7 @@ def _per_class_outputs(params: Params, manifest, predictions, truth) -> None:
         )
     write_csv(paths.plots / "per_class.csv", rows)
     _plot_per_class(paths.reports / "per_class.png", manifest, accs, split)
+    _plot_class_scores(paths.reports / "class_scores.png", manifest, params)
     # One row per sample of the last row's predictions: DVC's confusion template counts them.
     last = list(predictions[split])[-1]
     write_csv(
@@ -222,22 +227,100 @@ def _per_class_outputs(params: Params, manifest, predictions, truth) -> None:
     )
 
 
+def _group_bounds(manifest) -> list[tuple[float, str]]:
+    """Where on the train-count axis one group ends and the next begins (the geometric mean of
+    the neighbouring classes' counts), from the manifest's membership."""
+    counts = np.asarray(manifest.train_counts, dtype=float)
+    groups = np.asarray(manifest.class_groups)
+    present = [g for g in ("few", "medium", "many") if (groups == g).any()]
+    bounds = []
+    for lower, upper in zip(present, present[1:], strict=False):
+        hi, lo = counts[groups == lower].max(), counts[groups == upper].min()
+        bounds.append((float(np.sqrt(hi * max(lo, hi))), f"{lower} | {upper}"))
+    return bounds
+
+
+def _count_axis(ax, manifest) -> None:
+    """Log train-count x axis with the Many/Medium/Few bounds marked."""
+    ax.set_xscale("log")
+    ax.set_xlabel("train images of the class (log scale)")
+    for x, label in _group_bounds(manifest):
+        ax.axvline(x, color="0.4", lw=0.8, ls="--")
+        ax.annotate(
+            label,
+            (x, 1.0),
+            xycoords=("data", "axes fraction"),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color="0.3",
+        )
+    ax.grid(alpha=0.3)
+
+
 def _plot_per_class(path, manifest, accs, split) -> None:
+    """One line per model: the mean accuracy of the classes in each log-spaced train-count bin
+    (dots: the bins' classes), legend beside the axes, so six models stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = np.asarray(manifest.train_counts)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    counts = np.asarray(manifest.train_counts, dtype=float)
+    positive = np.maximum(counts, 1.0)
+    bins = min(10, len(np.unique(positive)))
+    edges = np.geomspace(positive.min(), positive.max() * 1.0001, bins + 1) if bins > 1 else None
+    which = (
+        np.zeros(len(counts), dtype=int)
+        if edges is None
+        else np.clip(np.searchsorted(edges, positive, side="right") - 1, 0, bins - 1)
+    )
+    used = np.unique(which)
+    centres = np.array([np.exp(np.log(positive[which == b]).mean()) for b in used])
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
     for row, acc in accs.items():
-        ax.scatter(counts, acc, s=14, alpha=0.75, label=ROW_NAMES.get(row, row))
-    ax.set_xscale("log")
-    ax.set_xlabel("train images of the class (log scale)")
-    ax.set_ylabel(f"{split} accuracy of the class")
+        means = np.array([acc[which == b].mean() for b in used])
+        ax.plot(centres, means, marker="o", ms=4, lw=1.5, label=ROW_NAMES.get(row, row))
+    _count_axis(ax, manifest)
+    ax.set_ylabel(f"{split} accuracy (mean over the bin's classes)")
     ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _plot_class_scores(path, manifest, params: Params) -> None:
+    """Class mean memorisation score M after the last epoch against the class's train count,
+    one series per stage-II mode with a momentum trace; the legend gives Spearman's rho."""
+    import h5py
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ecvl.metrics import spearman
+
+    counts = np.asarray(manifest.train_counts, dtype=float)
+    k = manifest.num_classes
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
+    for mode in params.stage2.modes:
+        trace = params.paths.stage2 / mode / TRACE
+        if not trace.is_file():
+            continue  # a mode without a measurement pass (linear_probe)
+        with h5py.File(trace, "r") as f:
+            m, labels = f["M"][-1].astype(float), f["labels"][:]
+        per_class = np.bincount(labels, weights=m, minlength=k) / np.maximum(
+            np.bincount(labels, minlength=k), 1
+        )
+        rho = spearman(per_class, counts)
+        label = f"{ROW_NAMES.get(f'stage2_{mode}', mode)} (Spearman {rho:+.2f})"
+        ax.scatter(counts, per_class, s=12, alpha=0.7, label=label)
+    _count_axis(ax, manifest)
+    ax.set_ylabel("class mean memorisation score M (last epoch)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")

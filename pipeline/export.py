@@ -5,12 +5,17 @@
 - `train_images.h5`: the train images' encoded bytes in the same order as the train
   embeddings, so index i is the same sample in both. Both are filled from one pass over the
   shards, so they cannot disagree.
+- the view bank (`export.bank_views` E > 0): E base views of every train sample (random
+  resized crop + flip, seeded by `base.seed`), read back from the image store just written,
+  encoded by the same frozen encoder and stored in `embeddings.zarr` as `train/bank` with the
+  crop box and flip of each (`ecvl.bank`).
 
 Resumable per split and atomic: both are written into one partial directory,
 `.<embeddings name>.partial` next to the embeddings, and renamed at the end. Its completion
 mark (`complete.json`: the run's fingerprint and the splits finished) is rewritten after each
 split; a killed export re-run with the same model, shards and params continues at the first
-incomplete split and ends with the same bytes; anything else starts over.
+incomplete split (the bank: at its first unwritten block) and ends with the same bytes;
+anything else starts over.
 
 Under torchrun only rank 0 exports (the other ranks return at once): the stores are written
 in one order by one process, so they are identical to a one-process export.
@@ -27,8 +32,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ecvl.bank import encode_bank_block
 from ecvl.data.embeddings import EmbeddingWriter
-from ecvl.data.image_store import ImageStoreWriter
+from ecvl.data.image_store import ImageStore, ImageStoreWriter
 from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
 from ecvl.data.shards import Manifest, load_manifest
 from ecvl.distributed import resolve_device, world_info
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 
 IMAGES = "train_images.h5"
 MARK = "complete.json"  # {"run": fingerprint, "splits": [finished splits, in order]}
+BANK = "train/bank"  # the view bank's entry in the mark once complete
 
 
 def run(params: Params) -> None:
@@ -86,11 +93,18 @@ def run(params: Params) -> None:
         manifest.data["source_fingerprint"],
         workers,
         str(device),
+        params.base.seed,  # the bank's crops and flips
     )
     part = paths.embeddings.with_name(f".{paths.embeddings.name}.partial")
     done = _finished_splits(part, run_id)
     emb = EmbeddingWriter(
-        part / "embeddings.zarr", splits, bundle.embed_dim, attrs, resume=bool(done)
+        part / "embeddings.zarr",
+        splits,
+        bundle.embed_dim,
+        attrs,
+        resume=bool(done),
+        bank_views=p.bank_views,
+        bank_seed=params.base.seed,
     )
     for split in manifest.splits:
         if split in done:
@@ -111,6 +125,20 @@ def run(params: Params) -> None:
                 params.base.progress,
             )
         done.append(split)
+        write_json(part / MARK, {"run": run_id, "splits": done})
+    if p.bank_views and BANK not in done:
+        _export_bank(
+            emb,
+            ImageStore(part / IMAGES),
+            bundle,
+            params.base.seed,
+            device,
+            precision,
+            p.batch_size,
+            params.base.num_workers,
+            params.base.progress,
+        )
+        done.append(BANK)
         write_json(part / MARK, {"run": run_id, "splits": done})
     with torch.no_grad():
         text = class_text_features(
@@ -185,3 +213,53 @@ def _export_split(
     if images is not None:
         images.mark_complete()
     emb.mark_complete(split)
+
+
+def _export_bank(
+    emb: EmbeddingWriter,
+    store: ImageStore,
+    bundle: ClipBundle,
+    seed: int,
+    device,
+    precision: str,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+) -> None:
+    """The view bank, one shard of rows at a time from where an interrupted run stopped."""
+    n, step, views = len(store), emb.bank_shard_rows, emb.bank_views
+    start = emb.bank_rows_written
+    if start:
+        log.info("export bank: resuming at row %d of %d", start, n)
+    model = bundle.model.eval()
+    try:
+        with tqdm(
+            total=n * views,
+            initial=start * views,
+            desc=f"export bank ({views} views)",
+            unit="view",
+            disable=not progress,
+        ) as bar:
+            for a in range(start, n, step):
+                rows = range(a, min(n, a + step))
+                feats, boxes, flips = encode_bank_block(
+                    model,
+                    store,
+                    rows,
+                    views,
+                    seed,
+                    bundle.eval_transform,
+                    device,
+                    precision,
+                    batch_size,
+                    workers,
+                )
+                if feats.shape[2] != emb.embed_dim:
+                    raise ModelError(
+                        f"the model gives {feats.shape[2]}-d embeddings, expected {emb.embed_dim}"
+                    )
+                emb.write_bank(a, feats, boxes, flips)
+                bar.update(len(rows) * views)
+    finally:
+        store.close()
+    emb.mark_bank_complete()

@@ -18,6 +18,7 @@ import yaml
 from ecvl.augment import OP_NAMES
 from ecvl.data.sources import SOURCES, default_prompt_templates
 from ecvl.data.transforms import TRAIN_AUGMENTS
+from ecvl.modes import MODES
 from pipeline.schema import ParamsError, bounds, build
 
 
@@ -200,23 +201,34 @@ class ExportParams:
 
     batch_size: int = field(default=512, metadata=bounds(ge=1, le=_BATCH_MAX))
     precision: Precision = "auto"
+    # E base views (random resized crop + flip) encoded per train sample: the view bank that
+    # every stage-II view starts from; 0 = none (then only linear_probe can train)
+    bank_views: int = field(default=8, metadata=bounds(ge=0, le=256))
 
 
-Stage2Mode = Literal["linear_probe", "ballad", "contrast_standard", "ecvl"]
+Stage2Mode = Literal["linear_probe", "ballad", "contrast_standard", "ecvl_uniform", "ecvl"]
 
 
 @dataclass(frozen=True)
 class Stage2Params:
     """Balanced residual adapter with momentum-driven augmentation (DESIGN.md §1 Stage II).
 
-    `modes` are the paper's Table 5 rows, each trained as its own adapter: `ballad` (adapter +
-    balanced sampling + classification loss), `contrast_standard` (+ two-view contrastive loss,
-    views from a fixed standard augmentation), `ecvl` (the full method); plus `linear_probe`,
-    the baseline a user tries first: a cross-entropy linear classifier on the cached features,
-    always with the long-tailed (instance) sampler whatever `sampler` says.
+    `modes` are the paper's Table 5 rows, nested, each trained as its own adapter (`ecvl.modes`):
+    `ballad` (adapter + balanced sampling + classification loss, one bank view per draw),
+    `contrast_standard` (+ two bank views and the contrastive loss), `ecvl` (+ memory-driven
+    RandAugment on top: the full method), the control `ecvl_uniform` (every score set to the
+    mean); plus `linear_probe`, the baseline a user tries first: a cross-entropy linear
+    classifier on the clean cached features, always with the long-tailed (instance) sampler
+    whatever `sampler` says.
     """
 
-    modes: tuple[Stage2Mode, ...] = ("linear_probe", "ballad", "contrast_standard", "ecvl")
+    modes: tuple[Stage2Mode, ...] = (
+        "linear_probe",
+        "ballad",
+        "contrast_standard",
+        "ecvl_uniform",
+        "ecvl",
+    )
     epochs: int = field(default=30, metadata=bounds(ge=1, le=_EPOCHS_MAX))
     batch_size: int = field(default=128, metadata=bounds(ge=2, le=_BATCH_MAX))
     lr: float = field(default=1e-3, metadata=bounds(gt=0, le=1))
@@ -232,6 +244,9 @@ class Stage2Params:
     w_dcvl: float = field(default=1.0, metadata=bounds(ge=0, le=_WEIGHT_MAX))
     sampler: Literal["balanced", "instance"] = "balanced"
     draws_per_epoch: int | None = field(default=None, metadata=bounds(ge=1, le=_COUNT_MAX))
+    # the loss the per-epoch measurement pass folds into eq. 8: contrastive (eq. 11, as BCL)
+    # or total (+ classification)
+    momentum_loss: Literal["contrastive", "total"] = "contrastive"
     precision: Precision = "auto"
     encode_batch_size: int = field(default=256, metadata=bounds(ge=1, le=_BATCH_MAX))
     augment_workers: int = field(default=0, metadata=bounds(ge=0, le=256))
@@ -239,9 +254,7 @@ class Stage2Params:
 
     def check(self, where: str) -> None:
         if not self.modes:
-            raise ParamsError(
-                f"{where}.modes: give at least one of linear_probe, ballad, contrast_standard, ecvl"
-            )
+            raise ParamsError(f"{where}.modes: give at least one of {', '.join(MODES)}")
         if len(set(self.modes)) != len(self.modes):
             raise ParamsError(f"{where}.modes: listed twice: {list(self.modes)}")
         _check_warmup(self.warmup_epochs, self.epochs, where)
@@ -278,6 +291,15 @@ class Params:
     package: PackageParams = field(default_factory=PackageParams)
 
     def check(self, where: str) -> None:
+        # Before any stage runs: a stage II that needs more bank views than the export makes.
+        banked = [m for m in self.stage2.modes if MODES[m].bank_views_needed]
+        needed = max((MODES[m].bank_views_needed for m in banked), default=0)
+        if self.export.bank_views < needed:
+            raise ParamsError(
+                f"{where}.export.bank_views: stage2.modes {', '.join(banked)} start their views "
+                f"from the view bank, which needs >= {needed} views per sample, got "
+                f"{self.export.bank_views}"
+            )
         # Before any stage runs, not after stage II: a head that is never trained cannot ship.
         if self.package.mode not in self.stage2.modes:
             raise ParamsError(

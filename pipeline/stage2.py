@@ -1,9 +1,11 @@
 """Stage `stage2`: train the residual adapter on the cached embeddings, once per mode.
 
-Each mode in `stage2.modes` (the paper's Table 5 rows) trains its own adapter in
-`<paths.stage2>/<mode>/`. Clean views are read from the export's cache; only views that were
+Each mode in `stage2.modes` (the paper's Table 5 rows, `ecvl.modes`) trains its own adapter in
+`<paths.stage2>/<mode>/`. Views start from the export's view bank; only views that were
 actually augmented are decoded from the image store and re-encoded by the frozen stage-I image
-encoder. Resumable per mode (checkpoint after every epoch, including the momentum EMA).
+encoder. The train caches (embeddings, bank, image store) are opened and cross-checked once
+per run. Resumable per mode (checkpoint after every epoch, including the momentum EMA and
+its trace).
 `<paths.stage2>` is replaced once, atomically, with every mode of the run: a run killed
 between two modes leaves the previous run whole, never adapters of two runs side by side
 (each `adapter.json` records its run id and params, which `evaluate` checks).
@@ -19,15 +21,16 @@ import h5py
 import numpy as np
 import torch
 
-from ecvl.data.embeddings import SplitData, open_embeddings
-from ecvl.data.image_store import ImageStore
+from ecvl.data.embeddings import SplitData
 from ecvl.data.shards import Manifest, load_manifest
+from ecvl.data.train_caches import TrainCaches, open_train_caches
 from ecvl.distributed import resolve_device
 from ecvl.errors import DataError
 from ecvl.metrics import SUMMARY_KEYS as METRIC_KEYS
 from ecvl.metrics import classification_report
 from ecvl.models.adapter import save_head
 from ecvl.models.clip import ClipBundle
+from ecvl.modes import MODES
 from ecvl.precision import resolve_precision
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
@@ -51,7 +54,9 @@ EPOCH_KEYS = (
     "score_mean_many",
     "score_mean_medium",
     "score_mean_few",
+    "score_count_spearman",
     "lr",
+    "measure_seconds",
     "seconds",
 )
 
@@ -61,8 +66,7 @@ class _Inputs:
     """What every mode trains from, read and checked once per run."""
 
     bundle: ClipBundle
-    train: SplitData
-    store: ImageStore
+    caches: TrainCaches
     text: np.ndarray
     logit_scale: float
     manifest: Manifest
@@ -77,18 +81,16 @@ def run(params: Params) -> None:
     p, paths = params.stage2, params.paths
     device = resolve_device(params.base.device)
     manifest = load_manifest(paths.shards)
-    emb = open_embeddings(paths.embeddings)
+    caches = open_train_caches(paths.embeddings, paths.image_store)
+    emb, train = caches.embeddings, caches.train
     precision = _encoder_precision(p.precision, emb.precision, device, paths.embeddings)
-    store = ImageStore(paths.image_store)
-    train = emb.split("train")
     digest = model_digest(paths.stage1)
-    _check_caches(params, emb, train, store, manifest, digest)
+    _check_caches(params, caches, manifest, digest)
     bundle, _ = load_stage1(paths.stage1, device)
     eval_split = "val" if "val" in emb.splits else "test"
     inputs = _Inputs(
         bundle=bundle,
-        train=train,
-        store=store,
+        caches=caches,
         text=emb.text_features(),
         logit_scale=float(bundle.model.logit_scale.detach().float().item()),
         manifest=manifest,
@@ -101,7 +103,7 @@ def run(params: Params) -> None:
 
     results, history, trained = {}, [], {}
     for mode in p.modes:
-        trainer, rows, trace = _train_mode(mode, params, inputs)
+        trainer, rows = _train_mode(mode, params, inputs)
         results[mode] = {k: rows[-1][f"{eval_split}_{k}"] for k in METRIC_KEYS}
         history += rows
         results[mode]["reencoded_fraction"] = float(
@@ -109,6 +111,7 @@ def run(params: Params) -> None:
         )
         head = trainer.head
         state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        trace = trainer.trace if trainer.spec.measure else None
         trained[mode] = (state, head.config(), trace)
     # What the run trained from and with (not the code digest: the adapters' files, and so their
     # DVC hash, must not change when unrelated code is edited).
@@ -146,18 +149,9 @@ def _encoder_precision(asked: str, exported: str | None, device, store) -> str:
     return precision
 
 
-def _check_caches(params: Params, emb, train, store: ImageStore, manifest, digest: str) -> None:
-    paths = params.paths
-    if len(store) != len(train.labels):
-        raise DataError(
-            f"{paths.image_store} holds {len(store)} images but {paths.embeddings} "
-            f"has {len(train.labels)} train rows (re-run `ecvl export`)"
-        )
-    if list(store.keys) != list(train.keys):
-        raise DataError(
-            f"{paths.image_store} and {paths.embeddings} list the train samples in "
-            "a different order (re-run `ecvl export`)"
-        )
+def _check_caches(params: Params, caches: TrainCaches, manifest, digest: str) -> None:
+    """What the library cannot know: the stage-I model and the params the caches must match."""
+    paths, emb = params.paths, caches.embeddings
     if emb.checkpoint_digest != digest:
         raise DataError(
             f"{paths.embeddings} was exported from another stage-I model than "
@@ -165,11 +159,23 @@ def _check_caches(params: Params, emb, train, store: ImageStore, manifest, diges
         )
     if list(emb.classes) != list(manifest.classes):
         raise DataError(f"{paths.embeddings} and {paths.shards} have different classes")
+    bank, asked = caches.bank, params.export.bank_views
+    if bank is not None and bank.checkpoint_digest != digest:
+        raise DataError(
+            f"{bank.path} was encoded by another stage-I model than {paths.stage1} "
+            "(re-run `ecvl export`)"
+        )
+    if caches.bank_views != asked:
+        have = f"{caches.bank_views} views per sample" if bank is not None else "no view bank"
+        raise DataError(
+            f"{paths.embeddings} holds {have}, export.bank_views is {asked} (re-run `ecvl export`)"
+        )
 
 
 def _train_mode(mode: str, params: Params, inputs: _Inputs):
     p, paths = params.stage2, params.paths
-    train = inputs.train
+    caches, spec = inputs.caches, MODES[mode]
+    train = caches.train
     draws = p.draws_per_epoch or len(train.labels)
     steps = math.ceil(draws / p.batch_size)
     config = Stage2Config(
@@ -184,21 +190,23 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         k=p.k,
         tau_dcvl=p.tau_dcvl,
         w_dcvl=p.w_dcvl,
-        # The probe is the "what a user does first" baseline: plain long-tailed sampling.
-        sampler="instance" if mode == "linear_probe" else p.sampler,
+        # a mode's own sampler wins (the probe: plain long-tailed sampling)
+        sampler=spec.sampler or p.sampler,
         draws_per_epoch=p.draws_per_epoch,
         mode=mode,
         seed=params.base.seed,
+        momentum_loss=p.momentum_loss,
     )
     encoder = SelectiveEncoder(
         train.features,
-        inputs.store,
+        caches.store,
         inputs.bundle.model,
         inputs.bundle.eval_transform,
         inputs.device,
         precision=inputs.precision,
         batch_size=p.encode_batch_size,
         num_workers=p.augment_workers,
+        bank=caches.bank,
     )
     manifest, device = inputs.manifest, inputs.device
     trainer = Stage2Trainer(
@@ -211,7 +219,6 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         class_groups=manifest.class_groups,
     )
     evaluation, eval_split, text = inputs.evaluation, inputs.eval_split, inputs.text
-    trace = {"Lm": [], "M": []}
     log.info(
         "stage2 %s: %d draws/epoch in %d steps × %d epochs, eval on %s",
         mode,
@@ -226,43 +233,43 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         pred = predict_cached(
             trainer.head, evaluation.features, text, device, p.eval_batch_size
         ).numpy()
-        lm, m = trainer.momentum_snapshot()
-        trace["Lm"].append(lm.astype(np.float32))
-        trace["M"].append(m.astype(np.float32))
         row = {"mode": mode, **{k: stats.get(k) for k in EPOCH_KEYS}}
         return row, classification_report(
             evaluation.labels, pred, manifest.class_groups, manifest.num_classes
         )
-
-    def restore(saved: dict) -> None:
-        trainer.load_state_dict(saved["trainer"])
-        trace.update({k: [t.numpy() for t in v] for k, v in saved["trace"].items()})
 
     with encoder:
         rows = run_epochs(
             f"stage2 {mode}",
             p.epochs,
             paths.checkpoints / f"stage2-{mode}.pt",
-            fingerprint(inputs.run_digest, mode, to_plain(p), params.base.seed, inputs.precision),
+            fingerprint(
+                inputs.run_digest,
+                mode,
+                to_plain(p),
+                params.base.seed,
+                inputs.precision,
+                params.export.bank_views,
+            ),
             eval_split,
             train=train,
-            state=lambda: {
-                "trainer": trainer.state_dict(),
-                "trace": {k: [torch.from_numpy(a) for a in v] for k, v in trace.items()},
-            },
-            restore=restore,
+            state=lambda: {"trainer": trainer.state_dict()},
+            restore=lambda saved: trainer.load_state_dict(saved["trainer"]),
             describe=lambda r: (
                 f"loss {r['loss']:.4f} (cls {r['loss_cls']:.4f}, dcvl {r['loss_dcvl']:.4f}) "
                 f"re-encoded {100 * r['reencoded_fraction']:.1f}%"
             ),
         )
-    return trainer, rows, trace
+    return trainer, rows
 
 
 def _write_mode(out, mode, state, config, trace, train, record) -> None:
-    """One mode's adapter, its config with the run `record`, and its momentum trace."""
+    """One mode's adapter, its config with the run `record`, and (for a mode that scores its
+    samples) its momentum trace."""
     out.mkdir()
     save_head(out, state, config, mode=mode, **record)
+    if trace is None:
+        return
     with h5py.File(out / "momentum_trace.h5", "w") as f:
         f.create_dataset("Lm", data=np.stack(trace["Lm"]), compression="gzip")
         f.create_dataset("M", data=np.stack(trace["M"]), compression="gzip")
@@ -273,6 +280,6 @@ def _write_mode(out, mode, state, config, trace, train, record) -> None:
             dtype=h5py.string_dtype(),
         )
         f.attrs["description"] = (
-            "per-sample momentum loss Lm (eq. 8) and memorisation "
-            "score M (eq. 9) after each epoch; rows are epochs"
+            "per-sample momentum loss Lm (eq. 8) and memorisation score M (eq. 9) after each "
+            "epoch's measurement pass over all train samples; rows are epochs"
         )

@@ -259,6 +259,42 @@ def stage2_killed_after_edit(d, up, mp):
     return run("evaluate", params)
 
 
+def stage2_on_edited_bank(edit: Callable[[Path], None], **export) -> Callable:
+    """`ecvl stage2` on the upstream export after `edit(embeddings.zarr)` (plain zarr)."""
+
+    def setup(d, up, mp):
+        copy_upstream(d, up, "data/shards", "data/embeddings.zarr", "data/train_images.h5")
+        copy_upstream(d, up, "models/stage1")
+        edit(d / "data/embeddings.zarr")
+        return run("stage2", params_file(d, export={**UP["export"], **export}))
+
+    return setup
+
+
+def bank_attrs(group: str, **attrs) -> Callable[[Path], None]:
+    def edit(store: Path) -> None:
+        import zarr
+
+        node = zarr.open_group(store, mode="r+")
+        node = node if group == "/" else node[group]
+        node.attrs.update(attrs)
+
+    return edit
+
+
+def bank_of_other_n(store: Path) -> None:
+    """Replace train/bank by a complete bank of one sample more (another export's)."""
+    import zarr
+
+    train = zarr.open_group(store, mode="r+")["train"]
+    old = train["bank"]
+    attrs = dict(old.attrs)
+    n, e, dim = old.shape
+    del train["bank"]
+    new = train.create_array("bank", shape=(n + 1, e, dim), chunks=(1, e, dim), dtype="float16")
+    new.attrs.update(attrs)
+
+
 def folder_with_hidden_dir(d, up, mp):
     root = image_folder(d / "imgs", {"cat": 4, "dog": 3})
     (root / ".ipynb_checkpoints").mkdir()
@@ -444,7 +480,7 @@ CASES: list[Case] = [
         "a misspelt stage-II mode",
         lambda p: p["stage2"].update(modes=["ecvl", "balad"]),
         "params.yaml: stage2.modes[1]: must be one of 'linear_probe', 'ballad', "
-        "'contrast_standard', 'ecvl', got 'balad' (did you mean 'ballad'?)",
+        "'contrast_standard', 'ecvl_uniform', 'ecvl', got 'balad' (did you mean 'ballad'?)",
     ),
     param_case(
         "mode-twice",
@@ -653,6 +689,52 @@ CASES: list[Case] = [
             copy_upstream(d, up, "data/shards"),
             run("stage1", params_file(d, stage1={**UP["stage1"], "model": "ecvl-tiny-vitt"})),
         )[1],
+        upstream=True,
+    ),
+    param_case(
+        "bank-views-zero",
+        "`export.bank_views: 0` with stage-II modes that start from bank views",
+        lambda p: p["export"].update(bank_views=0),
+        "params.yaml: export.bank_views: stage2.modes ballad, ecvl start their views from the "
+        "view bank, which needs >= 2 views per sample, got 0",
+    ),
+    Case(
+        "bank-missing",
+        "`ecvl stage2` asking for bank views of an export that has none",
+        "stage2",
+        1,
+        "stage2: data/embeddings.zarr holds no view bank, export.bank_views is 8 "
+        "(re-run `ecvl export`)",
+        stage2_on_edited_bank(bank_attrs("/", bank_views=0)),
+        upstream=True,
+    ),
+    Case(
+        "bank-other-e",
+        "`export.bank_views` edited without re-running `ecvl export`",
+        "stage2",
+        1,
+        "stage2: data/embeddings.zarr holds 8 views per sample, export.bank_views is 4 "
+        "(re-run `ecvl export`)",
+        stage2_on_edited_bank(lambda store: None, bank_views=4),
+        upstream=True,
+    ),
+    Case(
+        "bank-other-model",
+        "a view bank encoded by another stage-I model",
+        "stage2",
+        1,
+        "stage2: data/embeddings.zarr/train/bank was encoded by another stage-I model than "
+        "models/stage1 (re-run `ecvl export`)",
+        stage2_on_edited_bank(bank_attrs("train/bank", checkpoint_digest="0" * 64)),
+        upstream=True,
+    ),
+    Case(
+        "bank-other-n",
+        "a view bank of another number of samples",
+        "stage2",
+        1,
+        "stage2: data/embeddings.zarr/train/bank: shape (160, 8, 64), expected (159, 8, 64)",
+        stage2_on_edited_bank(bank_of_other_n),
         upstream=True,
     ),
     Case(

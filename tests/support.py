@@ -114,13 +114,18 @@ class CountingEncoder(torch.nn.Module):
         return self.model.encode_image(x, normalize=normalize)
 
 
-def cached_world(directory: Path, pixels: np.ndarray, labels: np.ndarray) -> dict:
-    """A random-init tiny ViT, `pixels` as PNGs in an image store, and their embedding cache
-    (what the export writes), for stage-II tests."""
+def cached_world(
+    directory: Path, pixels: np.ndarray, labels: np.ndarray, bank_views: int = 4
+) -> dict:
+    """A random-init tiny ViT, `pixels` as PNGs in an image store, their embedding cache and a
+    view bank of `bank_views` base views per image (what the export writes), for stage-II
+    tests."""
     import io
 
     from PIL import Image
 
+    from ecvl.bank import encode_bank_block
+    from ecvl.data.embeddings import ViewBank
     from ecvl.data.image_store import ImageStore, ImageStoreWriter
     from ecvl.models.clip import create_model
 
@@ -141,7 +146,25 @@ def cached_world(directory: Path, pixels: np.ndarray, labels: np.ndarray) -> dic
     with torch.inference_mode():
         x = torch.stack([bundle.eval_transform(store.get_image(i)) for i in range(len(pixels))])
         cache = model.encode_image(x, normalize=False).numpy().astype(np.float16)
-    return {"model": model, "transform": bundle.eval_transform, "store": store, "cache": cache}
+    feats, boxes, flips = encode_bank_block(
+        model,
+        store,
+        range(len(pixels)),
+        bank_views,
+        0,
+        bundle.eval_transform,
+        torch.device("cpu"),
+        "fp32",
+        batch_size=64,
+    )
+    bank = ViewBank(feats.astype(np.float16), boxes, flips)
+    return {
+        "model": model,
+        "transform": bundle.eval_transform,
+        "store": store,
+        "cache": cache,
+        "bank": bank,
+    }
 
 
 def tiny_classifier(directory: Path, num_classes: int = 4, seed: int = 0) -> Path:

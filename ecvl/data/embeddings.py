@@ -12,6 +12,19 @@ Layout (readable with plain ``zarr.open_group(path, mode="r")``, no ECVL code ne
     /text/features          float32 K×d  class text embeddings u_c, L2-normalised
     /text                   attrs: complete
 
+With a view bank (root attr ``bank_views`` E > 0; DESIGN.md §1, "Base views and the view bank")
+the train group also holds, for every sample, E base views (random resized crop + flip) of it
+encoded by the same frozen encoder, and what made each one::
+
+    /train/bank             float16 N×E×d  the banked views' embeddings (not normalised)
+    /train/bank_boxes       int32   N×E×4  crop box (x0, y0, x1, y1) in the stored image's pixels
+    /train/bank_flips       bool    N×E    mirrored after the crop
+    /train/bank             attrs: views, seed, checkpoint_digest, rows_written, complete
+
+`bank` is stored uncompressed in zarr v3 shards of `bank_shard_rows(E, d)` samples whose inner
+chunks are one sample's E views, so a batch of random draws reads only its own samples' bytes
+and the bank is never loaded whole (`ViewBank`).
+
 All per-sample arrays are chunked along N (4096 rows by default) so that a block of rows is a
 few chunk files. Keys use zarr's variable-length ``string`` data type because it is the one
 string type with a registered zarr v3 specification; the fixed-width numpy types ("U", "S")
@@ -46,9 +59,13 @@ __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "FORMAT",
     "FORMAT_VERSION",
+    "BANK_MEMORY_BYTES",
+    "BANK_SPLIT",
     "EmbeddingWriter",
     "Embeddings",
     "SplitData",
+    "ViewBank",
+    "bank_shard_rows",
     "open_embeddings",
 ]
 
@@ -58,11 +75,29 @@ DEFAULT_CHUNK_ROWS = 4096
 TEXT = "text"
 REQUIRED_ATTRS = ("model_name", "checkpoint_digest", "templates", "classes")
 # Keys the writer sets itself; a caller's attrs may repeat them only with the same value.
-_OWN_ATTRS = ("format", "format_version", "embed_dim", "num_classes", "splits", "initialized")
+_OWN_ATTRS = (
+    "format",
+    "format_version",
+    "embed_dim",
+    "num_classes",
+    "splits",
+    "bank_views",
+    "initialized",
+)
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # zarr's LocalStore writes `<file>.<uuid4 hex>.partial` then renames; a kill leaves them behind.
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _NORM_TOL = 1e-3
+BANK_SPLIT = "train"
+# Target bytes of one bank shard file (a few MB: few files, cheap rewrites of one block).
+_BANK_SHARD_BYTES = 8 << 20
+# Banks up to this size are read into memory by `Embeddings.bank`; larger ones stay on disk.
+BANK_MEMORY_BYTES = 1 << 30
+
+
+def bank_shard_rows(views: int, dim: int) -> int:
+    """Samples per bank shard (the export writes and resumes the bank one shard at a time)."""
+    return max(1, _BANK_SHARD_BYTES // (2 * max(1, views) * max(1, dim)))
 
 
 def _jsonable(value: Any) -> Any:
@@ -105,11 +140,19 @@ class EmbeddingWriter:
         *,
         resume: bool = True,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        bank_views: int = 0,
+        bank_seed: int = 0,
     ) -> None:
         self.path = Path(path)
         self._splits = {str(k): int(v) for k, v in splits.items()}
         self.embed_dim = int(embed_dim)
+        self.bank_views = int(bank_views)
+        self._bank_seed = int(bank_seed)
         self._check_args(attrs, chunk_rows)
+        if self.bank_views < 0:
+            raise ValueError(f"bank_views must be >= 0, got {self.bank_views}")
+        if self.bank_views and BANK_SPLIT not in self._splits:
+            raise ValueError(f"a view bank needs a {BANK_SPLIT!r} split")
         self.num_classes = len(attrs["classes"])
         self._chunk_rows = int(chunk_rows)
         self._attrs = self._root_attrs(attrs)
@@ -145,6 +188,7 @@ class EmbeddingWriter:
             "embed_dim": self.embed_dim,
             "num_classes": self.num_classes,
             "splits": dict(self._splits),
+            "bank_views": self.bank_views,
         }
         for key in _OWN_ATTRS:
             if key in attrs and key in own and _jsonable(attrs[key]) != _jsonable(own[key]):
@@ -212,6 +256,8 @@ class EmbeddingWriter:
             grp.create_array("labels", shape=(n,), chunks=(rows,), dtype="int64", fill_value=-1)
             grp.create_array("keys", shape=(n,), chunks=(rows,), dtype=str)
             grp.attrs.update({"num_rows": n, "rows_written": 0, "complete": False})
+        if self.bank_views:
+            self._create_bank(root[BANK_SPLIT])
         text = root.create_group(TEXT)
         text.create_array("features", shape=(self.num_classes, d), dtype="float32")
         text.attrs["complete"] = False
@@ -219,6 +265,30 @@ class EmbeddingWriter:
         root.attrs["initialized"] = True
         self._root = root
         log.info("created embedding store %s: splits %s, d=%d", self.path, self._splits, d)
+
+    def _create_bank(self, grp: zarr.Group) -> None:
+        n, e, d = self._splits[BANK_SPLIT], self.bank_views, self.embed_dim
+        rows = max(1, min(bank_shard_rows(e, d), n))
+        bank = grp.create_array(
+            "bank",
+            shape=(n, e, d),
+            chunks=(1, e, d),
+            shards=(rows, e, d),
+            dtype="float16",
+            compressors=None,  # embeddings do not compress; raw bytes read fastest
+        )
+        bank.attrs.update(
+            {
+                "views": e,
+                "seed": self._bank_seed,
+                # the encoder that made the views: a bank copied from another export shows
+                "checkpoint_digest": self._attrs["checkpoint_digest"],
+                "rows_written": 0,
+                "complete": False,
+            }
+        )
+        grp.create_array("bank_boxes", shape=(n, e, 4), chunks=(rows, e, 4), dtype="int32")
+        grp.create_array("bank_flips", shape=(n, e), chunks=(rows, e), dtype="bool")
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -307,6 +377,61 @@ class EmbeddingWriter:
         n = self._splits[split]
         self._split(split).attrs.update({"rows_written": n, "complete": True})
         log.info("%s: split %r complete (%d rows)", self.path, split, n)
+
+    @property
+    def bank_shard_rows(self) -> int:
+        """Samples per bank shard: write the bank in blocks of this many rows."""
+        return int(self._root[BANK_SPLIT]["bank"].shards[0])
+
+    @property
+    def bank_rows_written(self) -> int:
+        """Bank rows written so far (also by an earlier, interrupted run): resume here."""
+        return int(self._root[BANK_SPLIT]["bank"].attrs["rows_written"])
+
+    def write_bank(self, start: int, features: Any, boxes: Any, flips: Any) -> None:
+        """Write bank rows ``start .. start + n`` (n×E×d features, n×E×4 boxes, n×E flips) and
+        record them as written; blocks should be whole shards (`bank_shard_rows`).
+
+        Raises:
+            DataError: non-finite features in float16 (names the row).
+            ValueError: no bank, a block outside the split or out of order, wrong shapes.
+        """
+        if not self.bank_views:
+            raise ValueError("this store has no view bank (bank_views=0)")
+        grp = self._root[BANK_SPLIT]
+        n_rows, e, d = self._splits[BANK_SPLIT], self.bank_views, self.embed_dim
+        feats = _to_numpy(features)
+        n = len(feats)
+        if feats.shape != (n, e, d):
+            raise ValueError(f"bank features must be n×{e}×{d}, got shape {feats.shape}")
+        box = _to_numpy(boxes).astype(np.int32)
+        flip = _to_numpy(flips).astype(bool)
+        if box.shape != (n, e, 4) or flip.shape != (n, e):
+            raise ValueError(f"bank boxes/flips must be {n}×{e}×4 / {n}×{e}")
+        if start != self.bank_rows_written or start + n > n_rows:
+            raise ValueError(
+                f"bank block [{start}, {start + n}) does not continue the "
+                f"{self.bank_rows_written} rows written (of {n_rows})"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            f16 = feats.astype(np.float16)
+        finite = np.isfinite(f16).all(axis=(1, 2))
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite)[0])
+            raise DataError(f"{self.path}/{BANK_SPLIT}/bank: row {row} is not finite in float16")
+        end = start + n
+        grp["bank"][start:end] = f16
+        grp["bank_boxes"][start:end] = box
+        grp["bank_flips"][start:end] = flip
+        grp["bank"].attrs["rows_written"] = end  # after the rows: a kill redoes this block
+
+    def mark_bank_complete(self) -> None:
+        """Mark the bank finished (every row written)."""
+        bank = self._root[BANK_SPLIT]["bank"]
+        n = self._splits[BANK_SPLIT]
+        if int(bank.attrs["rows_written"]) != n:
+            raise ValueError(f"the bank has {bank.attrs['rows_written']} of {n} rows")
+        bank.attrs["complete"] = True
 
     def write_text_features(self, features: Any) -> None:
         """Write the K class text embeddings u_c (already L2-normalised) and mark them complete.
@@ -427,6 +552,107 @@ class Embeddings:
         """float32 K×d L2-normalised class text embeddings."""
         return self._root[TEXT]["features"][...]
 
+    @property
+    def bank_views(self) -> int:
+        """E, the base views banked per train sample (0: no bank)."""
+        return int(self.attrs.get("bank_views", 0))
+
+    def bank(self, max_memory: int = BANK_MEMORY_BYTES) -> ViewBank:
+        """The train split's view bank: loaded when its features take at most `max_memory`
+        bytes (random reads from memory cost nothing), else read lazily per batch of samples
+        and never copied whole (ImageNet-LT's is 1.9 GB at d = 1024, E = 8).
+
+        Raises:
+            DataError: the store has no bank (exported with ``bank_views: 0``).
+        """
+        if not self.bank_views:
+            raise DataError(f"{self.path} has no view bank (it was exported with 0 bank views)")
+        grp = self._root[BANK_SPLIT]
+        features = grp["bank"]
+        if features.nbytes <= max_memory:
+            features = features[...]
+        return ViewBank(
+            features,
+            grp["bank_boxes"][...],
+            grp["bank_flips"][...],
+            seed=int(grp["bank"].attrs["seed"]),
+            checkpoint_digest=str(grp["bank"].attrs.get("checkpoint_digest", "")),
+            path=f"{self.path}/{BANK_SPLIT}/bank",
+        )
+
+
+class ViewBank:
+    """E base views of each of N train samples: their embeddings and the crop/flip of each.
+
+    Args:
+        features: N×E×d float16, a numpy array or a zarr array (read per batch of samples,
+            never whole: one read of the distinct samples a batch needs).
+        boxes: N×E×4 int crop boxes ``(x0, y0, x1, y1)`` in the stored image's pixels.
+        flips: N×E bool, mirrored after the crop.
+        seed: the seed the bank was drawn with (a record).
+        checkpoint_digest: the digest of the model that encoded the views (a record).
+        path: where it lives, for messages.
+
+    Raises:
+        DataError: the three arrays disagree in N or E.
+    """
+
+    def __init__(
+        self,
+        features: Any,
+        boxes: Any,
+        flips: Any,
+        *,
+        seed: int = 0,
+        checkpoint_digest: str = "",
+        path: str = "bank",
+    ) -> None:
+        self.features = features if isinstance(features, zarr.Array) else np.asarray(features)
+        self.boxes = np.asarray(boxes, dtype=np.int64)
+        self.flips = np.asarray(flips, dtype=bool)
+        self.seed = int(seed)
+        self.checkpoint_digest = checkpoint_digest
+        self.path = path
+        n, e = self.features.shape[:2]
+        if (
+            len(self.features.shape) != 3
+            or self.boxes.shape != (n, e, 4)
+            or self.flips.shape != (n, e)
+        ):
+            raise DataError(
+                f"{path}: features {tuple(self.features.shape)}, boxes {self.boxes.shape} and "
+                f"flips {self.flips.shape} do not describe the same N×E views"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def num_views(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[2])
+
+    def rows(self, indices: Any, entries: Any) -> np.ndarray:
+        """float16 (B, d): view ``entries[j]`` of sample ``indices[j]`` for every j."""
+        idx = np.asarray(indices, dtype=np.int64)
+        ent = np.asarray(entries, dtype=np.int64)
+        if isinstance(self.features, np.ndarray):
+            return self.features[idx, ent]
+        if idx.size == 0:
+            return np.zeros((0, self.dim), dtype=np.float16)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        block = self.features.get_orthogonal_selection((uniq, slice(None), slice(None)))
+        return block[inverse, ent]
+
+    def base_view(self, index: int, entry: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box and flip that made view `entry` of sample `index`."""
+        box = tuple(int(v) for v in self.boxes[index, entry])
+        return box, bool(self.flips[index, entry])  # type: ignore[return-value]
+
 
 def _array(grp: zarr.Group, name: str, where: str) -> zarr.Array:
     node = grp.get(name)
@@ -498,6 +724,20 @@ def open_embeddings(path: str | os.PathLike[str], *, splits: Sequence[str] = ())
             ("keys", (n,), "string"),
         ):
             _check_array(_array(grp, array, where), f"{where}/{array}", shape, dtype)
+    views = int(attrs.get("bank_views", 0))
+    if views:
+        n, where = int(attrs["splits"].get(BANK_SPLIT, -1)), f"{p}/{BANK_SPLIT}"
+        grp = root.get(BANK_SPLIT)
+        if n < 0 or not isinstance(grp, zarr.Group):
+            raise DataError(f"{p}: bank_views = {views} but there is no {BANK_SPLIT!r} split")
+        for array, shape, dtype in (
+            ("bank", (n, views, d), "float16"),
+            ("bank_boxes", (n, views, 4), "int32"),
+            ("bank_flips", (n, views), "bool"),
+        ):
+            _check_array(_array(grp, array, where), f"{where}/{array}", shape, dtype)
+        if not grp["bank"].attrs.get("complete"):
+            raise DataError(f"{where}/bank is incomplete; the export was interrupted: re-run it")
     text = root.get(TEXT)
     if not isinstance(text, zarr.Group):
         raise DataError(f"{p}: group {TEXT!r} is missing")

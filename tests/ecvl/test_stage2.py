@@ -1,4 +1,4 @@
-"""Stage-II trainer: the three modes, the momentum loop, exact resume, and a real learning check."""
+"""Stage-II trainer: the modes, the measurement pass, exact resume, and a real learning check."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecvl.errors import TrainingError
+from ecvl.data.embeddings import ViewBank
+from ecvl.errors import DataError, TrainingError
 from ecvl.losses import image_to_text_loss
 from ecvl.models.adapter import ResidualAdapter
 from ecvl.reencode import SelectiveEncoder
@@ -61,7 +62,7 @@ def config(**kw) -> Stage2Config:
     return Stage2Config(**{**base, **kw})
 
 
-def make_trainer(world, cfg, cache=None, **enc_kw):
+def make_trainer(world, cfg, cache=None, bank="world", **enc_kw):
     counting = CountingEncoder(world["model"])
     enc = SelectiveEncoder(
         world["cache"] if cache is None else cache,
@@ -69,6 +70,7 @@ def make_trainer(world, cfg, cache=None, **enc_kw):
         counting,
         world["transform"],
         "cpu",
+        bank=world["bank"] if bank == "world" else bank,
         **enc_kw,
     )
     trainer = Stage2Trainer(
@@ -99,19 +101,24 @@ def test_ballad_never_calls_the_encoder(world):
         assert stats["reencoded_views"] == 0 and stats["loss_dcvl"] == 0.0
         assert stats["loss"] == pytest.approx(stats["loss_cls"])
     assert counting.images_seen == 0
-    assert trainer.momentum.epochs_ended == 2  # tracked for the trace, not used
+    assert trainer.momentum.epochs_ended == 2  # measured for the trace, not used
 
 
-def test_contrast_standard_reencodes_every_view(world):
+def test_contrast_standard_reencodes_nothing_and_its_two_views_differ(world):
     trainer, counting = make_trainer(world, config(mode="contrast_standard", epochs=1))
+    order = trainer.sampler.indices()
+    for req in trainer._requests(1, order, None):
+        b = req.indices.size // 2
+        assert req.plans is None and np.array_equal(req.indices[:b], req.indices[b:])
+        assert np.all(req.entries[:b] != req.entries[b:])  # two different bank entries
     stats = trainer.train_epoch(progress=False)
-    assert stats["views"] == 2 * N == stats["reencoded_views"] == counting.images_seen
-    assert stats["reencoded_fraction"] == 1.0
+    assert stats["views"] == 2 * N and stats["reencoded_views"] == 0 == counting.images_seen
+    assert stats["reencoded_fraction"] == 0.0
     assert stats["loss_dcvl"] > 0
     assert stats["loss"] == pytest.approx(stats["loss_cls"] + stats["loss_dcvl"])
 
 
-def test_ecvl_epoch1_is_clean_then_memory_drives_augmentation(world):
+def test_ecvl_epoch1_uses_base_views_then_memory_drives_augmentation(world):
     trainer, counting = make_trainer(world, config(mode="ecvl", epochs=3))
     lm0, m0 = trainer.momentum_snapshot()
     assert np.isnan(lm0).all() and np.isnan(m0).all()
@@ -120,18 +127,53 @@ def test_ecvl_epoch1_is_clean_then_memory_drives_augmentation(world):
     assert first["reencoded_views"] == 0 == counting.images_seen  # no scores yet
     assert first["views"] == 2 * N and first["clean_views"] == 2 * N
     lm1, m1 = trainer.momentum_snapshot()
-    drawn = ~np.isnan(lm1)
-    assert drawn.sum() == first["drawn_samples"] > 0
-    assert m1[drawn].std() > 0 and m1[drawn].mean() == pytest.approx(0.5)
+    assert not np.isnan(lm1).any()  # the measurement pass scores every sample
+    assert m1.std() > 0 and m1.mean() == pytest.approx(0.5)
     assert set(first) >= {"score_mean_many", "score_mean_medium", "score_mean_few"}
+    assert -1.0 <= first["score_count_spearman"] <= 1.0
 
     second = trainer.train_epoch(progress=False)
     assert 0 < second["reencoded_views"] < second["views"]
     assert counting.images_seen == second["reencoded_views"]
     lm2, _ = trainer.momentum_snapshot()
-    changed = ~np.isnan(lm2) & ~np.isnan(lm1)
-    assert not np.allclose(lm2[changed], lm1[changed])  # the EMA moved
+    assert not np.allclose(lm2, lm1)  # the EMA moved
     assert trainer.momentum.epochs_ended == 2
+    assert len(trainer.trace["M"]) == 2
+    np.testing.assert_array_equal(trainer.trace["M"][0], m1.astype(np.float32))
+
+
+def test_every_sample_is_scored_every_epoch_however_often_it_was_drawn(world):
+    # lr = 0: the head stays at its (seeded) init, so the measurement depends on nothing else
+    few_draws = config(mode="ballad", epochs=1, lr=0.0, draws_per_epoch=4)
+    full = config(mode="contrast_standard", epochs=1, lr=0.0)
+    a, _ = make_trainer(world, few_draws)
+    b, _ = make_trainer(world, full)
+    a.train_epoch(progress=False)
+    b.train_epoch(progress=False)
+    lm_a, _ = a.momentum_snapshot()
+    lm_b, _ = b.momentum_snapshot()
+    assert not np.isnan(lm_a).any()  # 4 draws, 24 samples scored (before: 4 at most)
+    np.testing.assert_array_equal(lm_a, lm_b)  # the same pass: not the draws, not the mode
+    total, _ = make_trainer(world, dataclasses.replace(full, momentum_loss="total"))
+    total.train_epoch(progress=False)
+    assert np.all(total.momentum_snapshot()[0] > lm_b)  # + the classification loss
+
+
+def test_ecvl_uniform_plans_every_view_with_the_mean_score(world):
+    trainer, _ = make_trainer(world, config(mode="ecvl_uniform", epochs=2))
+    assert trainer._augment_scores() is None
+    trainer.train_epoch(progress=False)
+    _, m = trainer.momentum_snapshot()
+    scores = trainer._augment_scores()
+    assert m.std() > 0 and np.all(scores == pytest.approx(m.mean()))
+    assert trainer.train_epoch(progress=False)["reencoded_views"] > 0
+
+
+def test_bank_modes_need_a_bank_of_two_views(world):
+    with pytest.raises(DataError, match="needs at least 2 bank views per sample, the export has 0"):
+        make_trainer(world, config(mode="contrast_standard"), bank=None)
+    probe, _ = make_trainer(world, config(mode="linear_probe"), bank=None)  # the clean cache
+    assert probe.train_epoch(progress=False)["views"] == N
 
 
 def test_resume_is_identical_to_an_uninterrupted_run(world, tmp_path):
@@ -151,6 +193,10 @@ def test_resume_is_identical_to_an_uninterrupted_run(world, tmp_path):
 
     for key, value in straight.head.state_dict().items():
         assert torch.equal(value, resumed.head.state_dict()[key]), key
+    for key in ("Lm", "M"):  # the trace travels with the trainer's state
+        assert len(resumed.trace[key]) == 2
+        for x, y in zip(straight.trace[key], resumed.trace[key], strict=True):
+            np.testing.assert_array_equal(x, y)
     a, b = straight.momentum.state_dict(), resumed.momentum.state_dict()
     assert torch.equal(a["momentum_loss"], b["momentum_loss"])
     assert torch.equal(a["seen"], b["seen"])
@@ -176,7 +222,9 @@ def test_training_reduces_the_loss_on_a_separable_problem(world):
     feats = (centres[world["labels"]] + 0.3 * gen.normal(size=(N, d))).astype(np.float16)
     labels = torch.from_numpy(world["labels"])
     cfg = config(mode="ballad", epochs=15, residual_ratio=0.5, lr=3e-2, weight_decay=0.0)
-    trainer, _ = make_trainer(world, cfg, cache=feats)
+    views = np.repeat(feats[:, None], world["bank"].num_views, axis=1)  # its bank: the same rows
+    bank = ViewBank(views, world["bank"].boxes, world["bank"].flips)
+    trainer, _ = make_trainer(world, cfg, cache=feats, bank=bank)
     before = (predict_cached(trainer.head, feats, world["text"], "cpu") == labels).float()
     losses = [trainer.train_epoch(progress=False)["loss"] for _ in range(cfg.epochs)]
     after = (predict_cached(trainer.head, feats, world["text"], "cpu") == labels).float()

@@ -49,6 +49,7 @@ def test_outputs(evaluated):
     assert len(rows) == 10 and rows[0]["class"] == "zero"
     assert {"train_count", "group", "acc_stage1", "acc_stage2_ecvl"} <= set(rows[0])
     assert (root / "reports/per_class.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "reports/class_scores.png").read_bytes()[:4] == b"\x89PNG"
     with open(root / "plots/predictions.csv") as f:
         preds = list(csv.DictReader(f))
     assert len(preds) == 10 * 10  # every test sample (10 classes × test_per_class 10)

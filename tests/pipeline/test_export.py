@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 import ecvl.data.embeddings
+from ecvl.augment import apply_base_view
 from ecvl.data.embeddings import open_embeddings
 from ecvl.data.image_store import ImageStore
 from ecvl.data.reader import iter_samples
@@ -180,3 +181,48 @@ def test_under_torchrun_only_rank_zero_writes_the_same_stores(
 
 def test_the_export_records_its_resolved_precision(exported):
     assert open_embeddings(exported / "data/embeddings.zarr").precision == "fp32"
+
+
+def test_the_bank_holds_base_views_rebuilt_exactly_from_the_image_store(exported):
+    emb = open_embeddings(exported / "data/embeddings.zarr")
+    bank, n = emb.bank(), len(emb.split("train"))
+    assert emb.bank_views == 8 and (bank.num_samples, bank.num_views) == (n, 8)
+    assert bank.checkpoint_digest == emb.checkpoint_digest
+    store = ImageStore(exported / "data/train_images.h5")
+    encoder = create_model("ecvl-tiny-vit", pretrained=emb.attrs["model_dir"])  # stage I's
+    rows, entries = np.array([0, 5, n - 1]), np.array([7, 0, 3])
+    views = []
+    for i, e in zip(rows, entries, strict=True):
+        box, flip = bank.base_view(int(i), int(e))
+        views.append(encoder.eval_transform(apply_base_view(store.get_image(int(i)), box, flip)))
+    with torch.no_grad():
+        direct = encoder.model.eval().encode_image(torch.stack(views)).numpy()
+    np.testing.assert_allclose(
+        bank.rows(rows, entries).astype(np.float32), direct, rtol=2e-3, atol=2e-3
+    )
+
+
+def test_kill_in_the_bank_and_rerun_equals_straight_run(
+    exported, upstream, tmp_path, monkeypatch, caplog
+):
+    params = _params(tmp_path, upstream)
+    monkeypatch.setattr(ecvl.data.embeddings, "_BANK_SHARD_BYTES", 2 * 8 * 64 * 30)  # 30 rows
+    real = ecvl.data.embeddings.EmbeddingWriter.write_bank
+    blocks = []
+
+    def killed_on_third_block(self, start, *args, **kwargs):
+        blocks.append(start)
+        if len(blocks) == 3:
+            raise KeyboardInterrupt
+        return real(self, start, *args, **kwargs)
+
+    monkeypatch.setattr(ecvl.data.embeddings.EmbeddingWriter, "write_bank", killed_on_third_block)
+    assert _invoke("export", params).exit_code == 130
+    monkeypatch.setattr(ecvl.data.embeddings.EmbeddingWriter, "write_bank", real)
+    caplog.set_level("INFO")
+    assert _invoke("export", params).exit_code == 0
+    assert "export bank: resuming at row 60" in caplog.text
+    a = open_embeddings(exported / "data/embeddings.zarr").bank()
+    b = open_embeddings(tmp_path / "data/embeddings.zarr").bank()
+    assert np.array_equal(a.features[...], b.features[...])
+    assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.flips, b.flips)

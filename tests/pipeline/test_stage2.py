@@ -44,17 +44,21 @@ def test_all_modes_write_adapters_metrics_plots_and_trace(tmp_path, upstream):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics/stage2.json").read_text())["stage2"]
     assert metrics["split"] == "val"
-    modes = ("linear_probe", "ballad", "contrast_standard", "ecvl")
+    modes = ("linear_probe", "ballad", "contrast_standard", "ecvl_uniform", "ecvl")
     for mode in modes:
         assert {"all_acc", "few_acc", "macro_f1", "reencoded_fraction"} <= set(metrics[mode])
         out = tmp_path / "models/stage2" / mode
         assert set(load_file(out / "adapter.safetensors")) == {"weight", "bias"}
         assert json.loads((out / "adapter.json").read_text())["mode"] == mode
+        if mode == "linear_probe":  # no measurement pass, no trace
+            assert not (out / "momentum_trace.h5").exists()
+            continue
         with h5py.File(out / "momentum_trace.h5") as f:
             n = len(f["labels"])
             assert f["Lm"].shape == f["M"].shape == (2, n)
             m = f["M"][1]
             assert np.all((m >= 0) & (m <= 1)) and abs(float(np.mean(m)) - 0.5) < 1e-6
+            assert not np.isnan(f["Lm"][0]).any()  # every sample scored from epoch 1
     probe = json.loads((tmp_path / "models/stage2/linear_probe/adapter.json").read_text())
     assert probe["adapter"] == {
         "name": "linear_probe",
@@ -65,11 +69,13 @@ def test_all_modes_write_adapters_metrics_plots_and_trace(tmp_path, upstream):
     assert state["trainer"]["config"]["sampler"] == "instance"  # whatever stage2.sampler says
     assert metrics["linear_probe"]["reencoded_fraction"] == 0.0
     assert metrics["ballad"]["reencoded_fraction"] == 0.0
-    assert metrics["contrast_standard"]["reencoded_fraction"] == 1.0
+    assert metrics["contrast_standard"]["reencoded_fraction"] == 0.0  # bank views only
     rows = (tmp_path / "plots/stage2.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * len(modes) and rows[0].startswith("mode,epoch,loss,")
     ecvl_rows = [r.split(",") for r in rows[1:] if r.startswith("ecvl,")]
     header = rows[0].split(",")
+    assert {"score_mean_few", "score_count_spearman"} <= set(header)
+    assert "measure_seconds" not in header  # timings go to logs/
     frac = [float(r[header.index("reencoded_fraction")]) for r in ecvl_rows]
     assert frac[0] == 0.0 and 0.0 < frac[1] < 1.0  # epoch 1 has no scores: nothing re-encoded
 
