@@ -684,7 +684,7 @@ CASES: list[Case] = [
         "stage1",
         1,
         "stage1: unknown open_clip model 'ecvl-tiny-vitt'; close names: ['ecvl-tiny-vit', "
-        "'ecvl-small-vit']",
+        "'ecvl-tiny-rn', 'ecvl-small-vit']",
         lambda d, up, mp: (
             copy_upstream(d, up, "data/shards"),
             run("stage1", params_file(d, stage1={**UP["stage1"], "model": "ecvl-tiny-vitt"})),

@@ -12,20 +12,14 @@ side (4 px at 32 px, the CIFAR value).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from open_clip.transform import MaybeToTensor
-from PIL import Image
-from torchvision.transforms import (
-    CenterCrop,
-    Compose,
-    InterpolationMode,
-    Normalize,
-    RandomCrop,
-    RandomHorizontalFlip,
-    Resize,
-)
+if TYPE_CHECKING:
+    from PIL import Image
+    from torchvision.transforms import Compose
 
+# Params validation imports the names below: torch (through torchvision) loads only when a
+# transform is built, after the stage has set its OpenMP policy (pipeline/runtime.py).
 TRAIN_AUGMENTS = ("open_clip", "crop_flip")
 PAD_FRACTION = 1 / 8  # of the side: 4 px at 32 px
 
@@ -38,6 +32,17 @@ def crop_flip_transform(image_size: int, mean: Sequence[float], std: Sequence[fl
     """Resize + centre crop to `image_size`, zero-pad by `PAD_FRACTION` of the side, random
     crop back, random horizontal flip, then ToTensor + Normalize (which the data pipeline
     moves onto whole batches)."""
+    from open_clip.transform import MaybeToTensor
+    from torchvision.transforms import (
+        CenterCrop,
+        Compose,
+        InterpolationMode,
+        Normalize,
+        RandomCrop,
+        RandomHorizontalFlip,
+        Resize,
+    )
+
     pad = max(1, round(image_size * PAD_FRACTION))
     return Compose(
         [

@@ -23,6 +23,7 @@ from ecvl.models.clip import (
 
 TINY = "ecvl-tiny-vit"
 SMALL = "ecvl-small-vit"
+TINY_RN = "ecvl-tiny-rn"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def _assert_same_model(a: torch.nn.Module, b: torch.nn.Module, inputs) -> None:
 def test_register_model_configs_is_idempotent():
     names = register_model_configs()
     register_model_configs()
-    assert names == [SMALL, TINY]
+    assert names == [SMALL, TINY_RN, TINY]
     assert set(names) <= set(open_clip.list_models())
     assert open_clip.factory._MODEL_CONFIG_PATHS.count(CONFIG_DIR) == 1
 
