@@ -89,7 +89,14 @@ def test_dvc_whole_pipeline_caching_and_metrics_diff(repo):
     assert _ran(first.stdout) == ["shard", "stage1", "export", "stage2", "evaluate", "package"]
     assert (repo / "models/classifier/card.md").is_file()
     table = (repo / "reports/results.md").read_text()
-    for row in ("Zero-shot", "Stage I (fine-tuned)", "BALLAD-like", "two base views", "(control)", "full ECVL"):
+    for row in (
+        "Zero-shot",
+        "Stage I (fine-tuned)",
+        "BALLAD-like",
+        "two base views",
+        "(control)",
+        "full ECVL",
+    ):
         assert row in table
     assert (repo / "reports/per_class.png").stat().st_size > 1000
     assert (repo / "dvc.lock").is_file()
