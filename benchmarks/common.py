@@ -40,6 +40,7 @@ def stage1_config(**overrides) -> Stage1Config:
         "logit_scale_max": 100.0,
         "precision": "fp32",
         "text_batch_size": None,
+        "logit_offset": None,
     }
     return Stage1Config(**{**base, **overrides})
 

@@ -41,7 +41,7 @@ class Stage1Config:
     logit_scale_max: float
     precision: str  # resolved: fp32 | bf16 | fp16
     text_batch_size: int | None  # prompts per checkpointed text-tower call; None = all
-    logit_offset: tuple[float, ...] | None = None  # (K,) of `ecvl.losses.logit_adjustment`
+    logit_offset: tuple[float, ...] | None  # (K,) of `ecvl.losses.logit_adjustment`; None = none
 
     @property
     def total_steps(self) -> int:

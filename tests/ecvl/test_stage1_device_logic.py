@@ -86,6 +86,7 @@ def test_checkpoint_holds_no_rng_of_other_gpus_and_resumes_without_scaler(tiny):
         logit_scale_max=100.0,
         precision="fp32",
         text_batch_size=None,
+        logit_offset=None,
     )
     trainer = Stage1Trainer(bundle.model, tokens, config, torch.device("cpu"))
     state = trainer.state_dict()
