@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from ecvl.augment import OP_NAMES
+from ecvl.data.pixels import ENCODINGS
 from ecvl.data.sources import SOURCES, default_prompt_templates
 from ecvl.data.transforms import TRAIN_AUGMENTS
 from ecvl.modes import MODES
@@ -127,6 +128,7 @@ class ShardParams:
     few_below: int = field(default=20, metadata=bounds(ge=0, le=_COUNT_MAX))
     maxcount: int = field(default=1000, metadata=bounds(ge=1, le=_COUNT_MAX))
     max_bad_fraction: float = field(default=0.01, metadata=bounds(ge=0, le=1))
+    encoding: Literal[ENCODINGS] = "auto"
 
     def check(self, where: str) -> None:
         if self.few_below > self.many_above + 1:

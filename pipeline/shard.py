@@ -53,6 +53,7 @@ def run(params: Params) -> None:
                 tmp,
                 p.maxcount,
                 p.max_bad_fraction,
+                encoding=p.encoding,
                 progress=params.base.progress,
             )
             for name, split in carved.splits.items()

@@ -15,6 +15,7 @@ import math
 import open_clip
 import torch
 
+from ecvl.data.batch_augment import batch_augment_for
 from ecvl.data.reader import check_shard_count, make_loader, take, train_pipeline
 from ecvl.data.shards import load_manifest
 from ecvl.data.transforms import train_transform
@@ -105,9 +106,11 @@ def _train(params: Params, world, device: torch.device) -> None:
         eval_split,
     )
     progress = params.base.progress and world.is_main
-    transform = train_transform(
-        p.augment, bundle.train_transform, open_clip.get_model_preprocess_cfg(bundle.model)
-    )
+    preprocess = open_clip.get_model_preprocess_cfg(bundle.model)
+    transform = train_transform(p.augment, bundle.train_transform, preprocess)
+    augment = batch_augment_for(p.augment, bundle.train_transform, preprocess)
+    if augment is None:
+        log.info("stage1: the %r train transform cannot be batched; it runs per image", p.augment)
 
     def train() -> tuple[dict, dict]:
         pipe = train_pipeline(
@@ -118,6 +121,7 @@ def _train(params: Params, world, device: torch.device) -> None:
             trainer.epoch + 1,
             p.shuffle_buffer,
             device=device,
+            augment=augment,
         )
         stats = trainer.train_epoch(take(make_loader(pipe, workers, device), steps), progress)
         report = _evaluate(bundle, manifest, eval_split, params, device, precision, world)

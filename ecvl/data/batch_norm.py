@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from open_clip.transform import MaybeToTensor
 from PIL import Image
-from torchvision.transforms import Compose, Normalize, ToTensor
+from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
 from torchvision.transforms.functional import pil_to_tensor
 
 
@@ -60,4 +60,28 @@ def split_normalize(transform: Callable) -> tuple[Callable, BatchNormalize | Non
     )
 
 
-__all__ = ["BatchNormalize", "split_normalize"]
+def passthrough_side(per_image: Callable) -> int | None:
+    """The side s at which `per_image` (a per-image part from `split_normalize`) returns an
+    s×s RGB image's pixels unchanged, or None. open_clip's eval transform is Resize(s) +
+    CenterCrop(s): a no-op on raw pixels already at the model's side (CIFAR at 32 px), which
+    the eval pipelines then batch without building a PIL image per sample."""
+    steps = getattr(per_image, "transforms", None)
+    if not isinstance(per_image, Compose) or len(steps) < 3:
+        return None
+    resize, crop, *rest = steps
+    if type(resize) is not Resize or type(crop) is not CenterCrop or resize.max_size is not None:
+        return None
+    size = [resize.size] * 2 if isinstance(resize.size, int) else list(resize.size)
+    if len(size) == 1:
+        size *= 2  # Resize([s]): the shorter side to s
+    side = size[0]
+    if size != [side, side] or list(crop.size) != [side, side]:
+        return None
+    if rest[-1] is not _pil_to_uint8 or any(
+        type(t).__name__ != "MaybeConvertMode" for t in rest[:-1]
+    ):
+        return None
+    return side
+
+
+__all__ = ["BatchNormalize", "passthrough_side", "split_normalize"]

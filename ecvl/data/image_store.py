@@ -3,17 +3,20 @@
 One HDF5 file, index i = row i of ``/train`` in the embedding store (same order). Layout
 (readable with plain h5py)::
 
-    images   vlen uint8 (N,)          the encoded bytes as they were in the shards (PNG/JPEG/...)
+    images   vlen uint8 (N,)          the image member's bytes as they were in the shards
+                                      (PNG/JPEG/..., or raw `.npy` pixels, `ecvl.data.pixels`)
     labels   int64 (N,)
     keys     UTF-8 variable-length string (N,)
-    ext      ASCII fixed-length string (N,): "png", "jpg", "webp" or "bmp", sniffed from the bytes
+    ext      ASCII fixed-length string (N,): "png", "jpg", "webp", "bmp" or "npy", sniffed from
+             the bytes
     attrs    format, format_version, count, rows_written (count once complete), complete,
              ext ("png", ... when every sample shares it, else "mixed"),
              content_sha256 (over bytes, labels, keys and exts in order; see `content_digest`)
 
-Images stay encoded: re-encoding only augmented views reads few of them, and storing pixels
-would multiply the size by ~10. Decoding goes through PIL restricted to the format recorded
-for the sample, from an allow-list; nothing is ever unpickled.
+Images stay as the shards hold them: re-encoding only augmented views reads few of them, and
+storing the pixels of JPEGs would multiply the size by ~10 (small images are raw pixels in the
+shards already). Decoding goes through PIL restricted to the format recorded for the sample,
+from an allow-list, or through `ecvl.data.pixels` for `.npy`; nothing is ever unpickled.
 
 There is no resume inside the file (HDF5 has no journal, and rewritten rows would leave old
 bytes behind): an interrupted export writes the store again from the start.
@@ -33,6 +36,7 @@ import h5py
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ecvl.data.pixels import RAW_EXT, decode_rgb
 from ecvl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,7 @@ FORMAT = "ecvl-image-store"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_ROWS = 1024
 # Canonical extension -> the only PIL decoder allowed for it.
-ALLOWED_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "bmp": "BMP"}
+ALLOWED_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "bmp": "BMP", RAW_EXT: "NPY"}
 _EXT_DTYPE = h5py.string_dtype("ascii", 4)
 _KEY_DTYPE = h5py.string_dtype("utf-8")
 _IMG_DTYPE = h5py.vlen_dtype(np.uint8)
@@ -69,6 +73,8 @@ def sniff_format(data: bytes | bytearray | memoryview) -> str | None:
         return "webp"
     if head.startswith(b"BM"):
         return "bmp"
+    if head.startswith(b"\x93NUMPY"):
+        return RAW_EXT
     return None
 
 
@@ -174,7 +180,7 @@ class ImageStoreWriter:
             keys: non-empty key of each sample.
 
         Raises:
-            DataError: empty bytes, a format outside the allow-list (png, jpg, webp, bmp), a
+            DataError: empty bytes, a format outside the allow-list (png, jpg, webp, bmp, npy), a
                 negative label or an empty key; the message names the row and key.
             ValueError: a block outside the store or mismatched lengths.
         """
@@ -380,6 +386,8 @@ class ImageStore:
                 f"but its bytes are {sniff_format(data)!r}"
             )
         try:
+            if ext == RAW_EXT:
+                return Image.fromarray(decode_rgb(data))
             with Image.open(io.BytesIO(data), formats=[ALLOWED_FORMATS[ext]]) as img:
                 return img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError) as err:

@@ -1,7 +1,11 @@
 """Byte-reproducible webdataset shards and their manifest (`meta.json`).
 
-A sample is `<key>.<png|jpg|...>` (the original file bytes for file sources, PNG for arrays),
-`<key>.cls` (the label as ASCII) and `<key>.json` (key, label, class name). Tar headers carry
+A sample is `<key>.<npy|png|jpg|...>`, `<key>.cls` (the label as ASCII) and `<key>.json` (key,
+label, class name). The image member follows `shard.encoding` (`ENCODINGS`): `raw` stores the
+pixels as a uint8 `.npy` array (`ecvl.data.pixels`), `png` the original file bytes of file
+sources and PNG for arrays, `auto` raw for array sources of at most `MAX_RAW_SIDE` px (CIFAR,
+digits: decoding PNG cost more than the model) and png otherwise (JPEG files stay ~10x smaller
+than their pixels). Tar headers carry
 a fixed mtime, owner and mode, and samples are written in the order given, so the same input
 gives the same bytes. Images that cannot be decoded are skipped, counted and listed.
 """
@@ -16,10 +20,12 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from ecvl.data.pixels import ENCODINGS, MAX_RAW_SIDE, RAW_EXT, encode_npy
 from ecvl.data.sources import PIL_FORMATS, Split
 from ecvl.errors import DataError, EcvlError
 
@@ -40,9 +46,11 @@ class SplitShards:
     shards: list[dict] = field(default_factory=list)
     bad: list[dict] = field(default_factory=list)
     fingerprint: str = ""
+    encoding: str = "png"
 
     def to_json(self) -> dict:
         return {
+            "encoding": self.encoding,
             "count": self.count,
             "per_class": self.per_class,
             "shards": self.shards,
@@ -79,6 +87,37 @@ def check_image(data: bytes, ext: str) -> None:
             raise ValueError(f"cannot decode {im.format} image: {e}") from None
 
 
+def resolve_encoding(encoding: str, split: Split) -> str:
+    """`raw` or `png` for `encoding` (one of `ENCODINGS`) on this split."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose from {ENCODINGS}")
+    if encoding != "auto":
+        return encoding
+    small = split.images is not None and max(split.images.shape[1:3]) <= MAX_RAW_SIDE
+    return "raw" if small else "png"
+
+
+def image_member(split: Split, i: int, encoding: str) -> tuple[bytes, str]:
+    """Sample `i`'s image member (bytes, extension) in `encoding` (`raw` or `png`).
+
+    Raises:
+        ValueError: the image is unreadable, or in a format outside the allow-list.
+        EcvlError: its file cannot be read.
+    """
+    if encoding == "raw" and split.images is not None:
+        return encode_npy(split.images[i]), RAW_EXT
+    data, ext = split.image_bytes(i)
+    if encoding != "raw":
+        check_image(data, ext)
+        return data, ext
+    with open_image(data, ext) as im:
+        try:
+            pixels = np.asarray(im.convert("RGB"))
+        except Exception as e:  # truncated or corrupt pixel data
+            raise ValueError(f"cannot decode {im.format} image: {e}") from None
+    return encode_npy(pixels), RAW_EXT
+
+
 def write_split_shards(
     split: Split,
     split_name: str,
@@ -86,15 +125,20 @@ def write_split_shards(
     out_dir: Path,
     maxcount: int,
     max_bad_fraction: float,
+    *,
+    encoding: str,
     progress: bool = True,
 ) -> SplitShards:
-    """Write `split` as `<out_dir>/<split_name>-NNNNNN.tar` shards of at most `maxcount` samples.
+    """Write `split` as `<out_dir>/<split_name>-NNNNNN.tar` shards of at most `maxcount` samples,
+    images in `encoding` (one of `ENCODINGS`).
 
     Raises:
         DataError: more than `max_bad_fraction` of the split's images are unreadable.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = SplitShards(split_name, per_class=[0] * len(classes))
+    result = SplitShards(
+        split_name, per_class=[0] * len(classes), encoding=resolve_encoding(encoding, split)
+    )
     digest = hashlib.sha256()
     pattern = str(out_dir / f"{split_name}-%06d.tar")
     # Shards roll over on count only (no size limit), so shard i holds samples
@@ -111,8 +155,7 @@ def write_split_shards(
         for i in it:
             key, label = split.keys[i], int(split.labels[i])
             try:
-                data, ext = split.image_bytes(i)
-                check_image(data, ext)
+                data, ext = image_member(split, i, result.encoding)
             except (ValueError, EcvlError) as e:
                 result.bad.append({"key": key, "source": split.describe(i), "error": str(e)})
                 continue

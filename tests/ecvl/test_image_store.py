@@ -174,3 +174,28 @@ def test_reader_refuses_bytes_that_are_not_the_recorded_format(tmp_path):
     with pytest.raises(DataError, match="sample 0"):
         store.get_image(0)
     store.close()
+
+
+def test_raw_pixel_members_round_trip(tmp_path):
+    from ecvl.data.pixels import encode_npy
+
+    gray = np.arange(20, dtype=np.uint8).reshape(4, 5, 1)
+    raw = [encode_npy(p) for p in PIXELS[:3]] + [encode_npy(gray)]
+    assert sniff_format(raw[0]) == "npy"
+    path = tmp_path / "raw.h5"
+    write_store(path, 4, raw, LABELS[:4], KEYS[:4])
+    store = ImageStore(path)
+    assert store.exts.tolist() == ["npy"] * 4
+    for i in range(3):
+        assert np.array_equal(np.asarray(store.get_image(i)), PIXELS[i])
+    assert np.array_equal(np.asarray(store.get_image(3)), np.repeat(gray, 3, axis=2))
+
+
+def test_raw_member_that_does_not_decode_names_the_sample(tmp_path):
+    from ecvl.data.pixels import encode_npy
+
+    data = encode_npy(PIXELS[0])
+    path = tmp_path / "raw.h5"
+    write_store(path, 1, [data[:-3]], LABELS[:1], KEYS[:1])
+    with pytest.raises(DataError, match=r"sample 0 \(key 'sample-000'\) does not decode: .npy"):
+        ImageStore(path).get_image(0)

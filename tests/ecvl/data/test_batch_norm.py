@@ -3,7 +3,7 @@
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import CenterCrop, Compose, Normalize, ToTensor
+from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
 
 from ecvl.data.batch_norm import split_normalize
 from ecvl.data.reader import eval_pipeline, train_pipeline
@@ -53,7 +53,9 @@ def test_other_transforms_are_left_whole(transform):
 
 def test_pipelines_batch_the_same_tensors(bundle, images, tmp_path):
     split = Split([f"k{i:02d}" for i in range(12)], torch.arange(12).numpy() % 2, images=images)
-    res = write_split_shards(split, "train", ("a", "b"), tmp_path, 5, 0.0, progress=False)
+    res = write_split_shards(
+        split, "train", ("a", "b"), tmp_path, 5, 0.0, encoding="png", progress=False
+    )
     urls = [str(tmp_path / s["name"]) for s in res.shards]
     opaque = {  # wrapped: split_normalize cannot see inside, so every image is normalised alone
         "train": lambda im: bundle.train_transform(im),
@@ -70,3 +72,38 @@ def test_pipelines_batch_the_same_tensors(bundle, images, tmp_path):
         got, want = first(kind, transform), first(kind, opaque[kind])
         assert got[0].dtype == torch.float32 and torch.equal(got[0], want[0])
         assert list(got[2]) == list(want[2])  # same keys, same order
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_eval_pixels_at_the_model_side_skip_the_per_image_transform_bit_identically(
+    bundle, tmp_path, encoding
+):
+    from ecvl.data.batch_norm import passthrough_side
+
+    per_image, _ = split_normalize(bundle.eval_transform)
+    assert passthrough_side(per_image) == 32
+    pixels = make_images(12, 32, seed=4)  # already the model's side: Resize + CenterCrop no-ops
+    split = Split([f"k{i:02d}" for i in range(12)], torch.arange(12).numpy() % 2, images=pixels)
+    res = write_split_shards(
+        split, "val", ("a", "b"), tmp_path, 5, 0.0, encoding=encoding, progress=False
+    )
+    urls = [str(tmp_path / s["name"]) for s in res.shards]
+    opaque = lambda im: bundle.eval_transform(im)  # noqa: E731 (per image, through PIL)
+    got = torch.cat([x for x, _, _ in eval_pipeline(urls, bundle.eval_transform, 5)])
+    want = torch.cat([x for x, _, _ in eval_pipeline(urls, opaque, 5)])
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        Compose([CenterCrop(32)]),
+        Compose([Resize(32), CenterCrop(16), ToTensor()]),
+        Compose([Resize((32, 16)), CenterCrop(32), ToTensor()]),
+        Compose([Resize(32, max_size=40), CenterCrop(32), ToTensor()]),
+    ],
+)
+def test_only_resize_then_centre_crop_to_one_side_passes_through(transform):
+    from ecvl.data.batch_norm import passthrough_side
+
+    assert passthrough_side(transform) is None

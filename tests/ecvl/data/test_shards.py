@@ -33,10 +33,17 @@ def _split(n=23, seed=0):
     return Split([f"k{i:03d}" for i in range(n)], labels, images=make_images(n, 8, seed))
 
 
-def _write(tmp_path, split, maxcount=5, name="train"):
+def _write(tmp_path, split, maxcount=5, name="train", encoding="png"):
     out = tmp_path / "shards"
     res = write_split_shards(
-        split, name, CLASSES, out, maxcount=maxcount, max_bad_fraction=0.0, progress=False
+        split,
+        name,
+        CLASSES,
+        out,
+        maxcount=maxcount,
+        max_bad_fraction=0.0,
+        encoding=encoding,
+        progress=False,
     )
     write_manifest(
         out,
@@ -118,7 +125,14 @@ def _corrupt_list_source(tmp_path, n_good=9, n_bad=1):
 def test_corrupt_image_is_skipped_and_listed(tmp_path):
     split = _corrupt_list_source(tmp_path)
     res = write_split_shards(
-        split, "train", ("x", "y"), tmp_path / "out", 1000, max_bad_fraction=0.2, progress=False
+        split,
+        "train",
+        ("x", "y"),
+        tmp_path / "out",
+        1000,
+        max_bad_fraction=0.2,
+        encoding="png",
+        progress=False,
     )
     assert res.count == 9 and len(res.bad) == 1
     assert res.bad[0]["key"] == "bad0" and "not a readable JPEG image" in res.bad[0]["error"]
@@ -132,7 +146,14 @@ def test_too_many_corrupt_images_fail(tmp_path):
         match=r"train: 2 of 5 images are unreadable .*first: \S+/bad0\.jpg: not a readable JPEG",
     ):
         write_split_shards(
-            split, "train", ("x", "y"), tmp_path / "out", 1000, max_bad_fraction=0.2, progress=False
+            split,
+            "train",
+            ("x", "y"),
+            tmp_path / "out",
+            1000,
+            max_bad_fraction=0.2,
+            encoding="png",
+            progress=False,
         )
 
 
@@ -227,3 +248,113 @@ def test_check_shard_count_reports_a_reduced_worker_count_once(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "using 3 data worker(s) instead of 7: 3 shard(s) per rank"
     ]
+
+
+# --- raw pixel members (`shard.encoding`) -------------------------------------------------
+
+
+def test_raw_shards_read_back_exactly_by_ecvl_and_plain_webdataset(tmp_path):
+    split = _split(12)
+    out, res = _write(tmp_path, split, encoding="raw")
+    assert res.encoding == "raw" and res.to_json()["encoding"] == "raw"
+    urls = load_manifest(out).shard_paths("train")
+    ours = list(iter_samples(urls))
+    # plain webdataset decodes `.npy` itself, with allow_pickle=False
+    plain = list(wds.WebDataset(urls, shardshuffle=False).decode().to_tuple("__key__", "npy"))
+    assert [s["key"] for s in ours] == [k for k, _ in plain] == split.keys
+    for s, (_, arr), i in zip(ours, plain, range(12), strict=True):
+        assert s["ext"] == "npy"
+        assert np.array_equal(_to_array(s["image"]), split.images[i])
+        assert np.array_equal(arr, split.images[i])
+
+
+def test_raw_and_png_shards_give_the_same_pixels_and_batches(tmp_path):
+    split = _split(12)
+    urls = {
+        enc: load_manifest(_write(tmp_path / enc, split, encoding=enc)[0]).shard_paths("train")
+        for enc in ("raw", "png")
+    }
+    to_tensor = lambda im: torch.from_numpy(_to_array(im).copy())  # noqa: E731
+    batches = {
+        enc: torch.cat([x for x, _, _ in make_loader(eval_pipeline(u, to_tensor, 5), 0)])
+        for enc, u in urls.items()
+    }
+    assert torch.equal(batches["raw"], batches["png"])
+    assert torch.equal(batches["raw"], torch.from_numpy(split.images))
+
+
+def test_raw_rewrite_is_byte_identical(tmp_path):
+    a, _ = _write(tmp_path / "1", _split(), encoding="raw")
+    b, _ = _write(tmp_path / "2", _split(), encoding="raw")
+    digest = lambda d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.glob("*.tar")}  # noqa: E731
+    assert digest(a) == digest(b) and len(digest(a)) == 5
+
+
+def test_auto_encoding_is_raw_for_small_arrays_only(tmp_path):
+    from ecvl.data.pixels import MAX_RAW_SIDE
+    from ecvl.data.shards import resolve_encoding
+
+    small = Split(["a"], np.zeros(1), images=make_images(1, MAX_RAW_SIDE))
+    large = Split(["a"], np.zeros(1), images=make_images(1, MAX_RAW_SIDE + 1))
+    files = _corrupt_list_source(tmp_path, n_good=2, n_bad=0)
+    assert resolve_encoding("auto", small) == "raw"
+    assert resolve_encoding("auto", large) == "png"
+    assert resolve_encoding("auto", files) == "png"
+    assert resolve_encoding("png", small) == "png" and resolve_encoding("raw", files) == "raw"
+    with pytest.raises(ValueError, match="unknown encoding 'jpeg'"):
+        resolve_encoding("jpeg", small)
+
+
+def test_raw_file_source_stores_the_decoded_pixels_and_still_skips_bad_files(tmp_path):
+    split = _corrupt_list_source(tmp_path)
+    res = write_split_shards(
+        split, "train", ("x", "y"), tmp_path / "out", 1000, 0.2, encoding="raw", progress=False
+    )
+    assert res.count == 9 and [b["key"] for b in res.bad] == ["bad0"]
+    samples = list(iter_samples([str(tmp_path / "out" / res.shards[0]["name"])]))
+    for s in samples:
+        expected = np.asarray(Image.open(tmp_path / "imgs" / f"{s['key']}.png").convert("RGB"))
+        assert s["ext"] == "npy" and np.array_equal(_to_array(s["image"]), expected)
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (np.zeros((4, 4, 3), np.float32), "dtype float32, expected uint8"),
+        (np.zeros((4, 4), np.uint8), r"shape \(4, 4\), expected H×W×1 or H×W×3"),
+        (np.array([1, 2], dtype=object), "dtype object"),
+    ],
+)
+def test_raw_member_of_another_kind_is_refused_naming_the_sample(tmp_path, payload, error):
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    np.save(buf, payload, allow_pickle=True)
+    tar = tmp_path / "odd.tar"
+    with wds.TarWriter(str(tar), encoder=False) as sink:
+        sink.write({"__key__": "x", "npy": buf.getvalue(), "cls": b"1"})
+    with pytest.raises(DataError, match=rf"sample 'x' in \S+odd.tar: cannot decode \(.*{error}"):
+        list(iter_samples([str(tar)]))
+    assert not marker.exists()
+
+
+def test_pickled_npy_member_is_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    np.save(buf, np.array([_Evil(marker)], dtype=object), allow_pickle=True)
+    tar = tmp_path / "evil.tar"
+    with wds.TarWriter(str(tar), encoder=False) as sink:
+        sink.write({"__key__": "x", "npy": buf.getvalue(), "cls": b"1"})
+    with pytest.raises(DataError, match="dtype object"):
+        list(iter_samples([str(tar)]))
+    assert not marker.exists()
+
+
+def test_truncated_raw_member_is_refused(tmp_path):
+    from ecvl.data.pixels import decode_npy, encode_npy
+
+    data = encode_npy(make_images(1, 4)[0])
+    assert np.array_equal(decode_npy(data), make_images(1, 4)[0])
+    with pytest.raises(ValueError, match="holds 47 bytes of pixels, its header says 48"):
+        decode_npy(data[:-1])
+    with pytest.raises(ValueError, match="not a .npy array"):
+        decode_npy(b"\x89PNG\r\n\x1a\n" + data)
