@@ -289,7 +289,7 @@ def _collate_images(chunk: list[dict]) -> tuple[torch.Tensor | list, torch.Tenso
     if all(isinstance(p, np.ndarray) for p in pixels):
         sizes = torch.tensor([p.shape[:2] for p in pixels], dtype=torch.int64)
         if len({p.shape for p in pixels}) == 1:
-            return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2), sizes
+            return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous(), sizes
     items, hw = [], []
     for s in chunk:
         if isinstance(s["image"], np.ndarray):
