@@ -142,11 +142,15 @@ class BatchAugment:
             raise ValueError(f"plan must be ({images.shape[0]}, 5), got {tuple(plan.shape)}")
         batch, channels, height, width = images.shape
         size = self.size
-        wy, wx = self._weights(plan.to(device=images.device, dtype=torch.float32), height, width)
+        # every box at the output side (pad_crop on images of that side): both kernels are the
+        # identity there, so take the cheaper one and skip PIL's 8-bit intermediate
+        antialias = self.antialias and not bool((plan[:, 2:4] == size).all())
+        plan = plan.to(device=images.device, dtype=torch.float32)
+        wy, wx = self._weights(plan, height, width, antialias)
         with _full_fp32_matmul(images.device):
             # horizontal pass first, as PIL does: B × (C·H) × W  @  B × W × size
             rows = torch.bmm(images.to(torch.float32).view(batch, channels * height, width), wx.mT)
-            if self.antialias:  # PIL stores the horizontal pass as 8-bit
+            if antialias:  # PIL stores the horizontal pass as 8-bit
                 rows.round_().clamp_(0, 255)
             rows = rows.view(batch, channels, height, size).transpose(1, 2)
             # vertical pass: B × size × H  @  B × H × (C·size)
@@ -155,7 +159,7 @@ class BatchAugment:
         return out.round_().clamp_(0, 255).to(torch.uint8).contiguous()
 
     def _weights(
-        self, plan: torch.Tensor, height: int, width: int
+        self, plan: torch.Tensor, height: int, width: int, antialias: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample resampling matrices, B × size × H and B × size × W (flip folded into the
         second), both axes in one vectorised computation. Output pixel i of an axis covers
@@ -177,7 +181,7 @@ class BatchAugment:
             torch.minimum(lo.clamp(min=0), extent - 1),
             torch.minimum(hi.clamp(min=0), extent - 1),
         )
-        if self.antialias:  # ATen's _compute_weights_aa (PIL's): kernel widened when shrinking
+        if antialias:  # ATen's _compute_weights_aa (PIL's): kernel widened when shrinking
             stretch = scale.clamp(min=1.0)
             support = (2.0 if self.interpolation == "bicubic" else 1.0) * stretch
             centre = start + scale * (i + 0.5)
