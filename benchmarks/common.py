@@ -52,7 +52,14 @@ def digits_train_shards(root: Path, maxcount: int, n: int | None = None) -> Path
     if n is not None:
         split = split.subset(np.arange(n))
     written = write_split_shards(
-        split, "train", source.classes, root, maxcount, max_bad_fraction=0.0, encoding="png", progress=False
+        split,
+        "train",
+        source.classes,
+        root,
+        maxcount,
+        max_bad_fraction=0.0,
+        encoding="png",
+        progress=False,
     )
     write_manifest(
         root,

@@ -142,6 +142,8 @@ class BatchAugment:
             raise ValueError(f"plan must be ({images.shape[0]}, 5), got {tuple(plan.shape)}")
         batch, channels, height, width = images.shape
         size = self.size
+        if height == width == size and _whole_shifts(plan, size):
+            return _shift(images, plan.to(images.device), size)
         # every box at the output side (pad_crop on images of that side): both kernels are the
         # identity there, so take the cheaper one and skip PIL's 8-bit intermediate
         antialias = self.antialias and not bool((plan[:, 2:4] == size).all())
@@ -211,6 +213,26 @@ class BatchAugment:
         dense = torch.zeros((*weights.shape[:-1], max(height, width)), device=device)
         dense.scatter_add_(-1, tap.long(), weights)
         return dense[:, 0, :, :height], dense[:, 1, :, :width]
+
+
+def _whole_shifts(plan: torch.Tensor, size: int) -> bool:
+    """Whether every box is the image itself moved by whole pixels (pad_crop at the output
+    side): then resampling is a copy, and `_shift` does it without arithmetic."""
+    box = plan[:, :4]
+    return bool((box[:, 2:] == size).all() and (box[:, :2] == box[:, :2].round()).all())
+
+
+def _shift(images: torch.Tensor, plan: torch.Tensor, size: int) -> torch.Tensor:
+    """Whole-pixel boxes copied out of the zero-padded batch (two gathers), flipped where the
+    plan says: exactly what the resampling matrices give for such boxes (a test checks)."""
+    batch, channels = images.shape[:2]
+    pad = int(plan[:, :2].abs().max().item()) if len(plan) else 0
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    steps = torch.arange(size, device=images.device)
+    rows = plan[:, 0:1].long() + pad + steps  # B × size
+    cols = plan[:, 1:2].long() + pad + torch.where(plan[:, 4:5] > 0.5, steps.flip(0), steps)
+    out = padded.gather(2, rows[:, None, :, None].expand(batch, channels, size, size + 2 * pad))
+    return out.gather(3, cols[:, None, None, :].expand(batch, channels, size, size)).contiguous()
 
 
 def _filter(interpolation: str, antialias: bool, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ RAW_EXT = "npy"
 ENCODINGS = ("auto", "png", "raw")
 MAX_RAW_SIDE = 64  # `auto` stores raw pixels up to this side
 _MAGIC = b"\x93NUMPY"
-_HEADER_CACHE: dict[bytes, tuple[int, tuple[int, ...]]] = {}  # header bytes -> (offset, shape)
+_HEADER_CACHE: dict[bytes, tuple[int, tuple[int, ...], int]] = {}  # header -> offset, shape, size
 _CACHE_MAX = 64
 
 
@@ -46,11 +46,10 @@ def decode_npy(data: bytes | memoryview) -> np.ndarray:
     cached = _HEADER_CACHE.get(head)
     if cached is None:
         offset, shape = _parse_header(view)
+        cached = offset, shape, shape[0] * shape[1] * shape[2]
         if len(_HEADER_CACHE) < _CACHE_MAX:
-            _HEADER_CACHE[head] = (offset, shape)
-    else:
-        offset, shape = cached
-    size = int(np.prod(shape))
+            _HEADER_CACHE[head] = cached
+    offset, shape, size = cached
     if len(view) - offset != size:
         raise ValueError(f".npy holds {len(view) - offset} bytes of pixels, its header says {size}")
     return np.frombuffer(view, dtype=np.uint8, count=size, offset=offset).reshape(shape)

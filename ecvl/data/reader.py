@@ -2,10 +2,10 @@
 
 Only image members (raw `.npy` uint8 pixels through `ecvl.data.pixels`, never with pickles;
 PNG/JPEG/WebP/BMP through PIL, each opened only with the decoder its name promises, so `.png`
-bytes in another format are refused), `.cls` (ASCII integer) and `.json` are ever decoded;
-every other member of a sample (`.pyd`, `.pickle`, `.pth`, ...) is dropped unread, so a shard
-can never make us unpickle anything. Tars are read by `ecvl.data.tar_reader` (same samples as
-webdataset's reader, ~4x faster).
+bytes in another format are refused) and `.cls` (ASCII integer) are ever decoded; every other
+member of a sample (`.json`, written for people and plain readers, and `.pyd`, `.pickle`,
+`.pth`, ...) is dropped unread, so a shard can never make us unpickle anything. Tars are read
+by `ecvl.data.tar_reader` (the same samples as webdataset's reader, ~4x faster).
 
 Stage-I training can take a `BatchAugment` (`ecvl.data.batch_augment`): samples are then
 decoded to uint8 pixels only, and crop, flip and normalisation run once per batch; the crop
@@ -22,7 +22,6 @@ pass over the data. Evaluation pipelines read every sample once, in shard order.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -106,8 +105,8 @@ def decode_sample(sample: dict, image: str = "pil") -> dict:
             `encoded` (the member's bytes, for decoding on the device; `ext` says the format).
 
     Returns:
-        dict with `key`, `image`, `ext`, `label` (int), `meta` (dict or None), `url`, and
-        `encoded` (the image member's bytes, as stored).
+        dict with `key`, `image`, `ext`, `label` (int), `url`, and `encoded` (the image
+        member's bytes, as stored).
 
     Raises:
         DataError: a sample without exactly one image or without a label, or an undecodable
@@ -129,15 +128,13 @@ def decode_sample(sample: dict, image: str = "pil") -> dict:
         decoded = data
     try:
         label = int(sample["cls"].decode("ascii").strip())
-        meta = json.loads(sample["json"]) if "json" in sample else None
-    except Exception as e:  # int() and json raise assorted types
+    except (UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{where}: cannot decode ({e})") from None
     return {
         "key": key,
         "image": decoded,
         "ext": ext,
         "label": label,
-        "meta": meta,
         "url": url,
         "encoded": data,
     }
