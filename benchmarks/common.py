@@ -16,15 +16,22 @@ from ecvl.data.sources import DigitsSource
 from ecvl.stage1 import Stage1Config
 
 
-def cpu_preset_augments() -> dict[str, str]:
-    """{stage-I model: its train augmentation} for params.yaml and every preset that trains
-    from scratch (the ones sized for a CPU), first mention wins."""
+def preset_models() -> dict[str, dict]:
+    """{stage-I model: {"augment": its train augmentation, "pretrained": its tag or None}} for
+    params.yaml and every preset, first mention wins: the models users run, those sized for a
+    CPU (trained from scratch) and the GPU ones (RN50, random init here: speed only)."""
     root = Path(__file__).resolve().parent.parent
-    found: dict[str, str] = {}
+    found: dict[str, dict] = {}
     for path in [root / "params.yaml", *sorted((root / "pipeline" / "presets").glob("*.yaml"))]:
         stage1 = yaml.safe_load(path.read_text()).get("stage1", {})
-        if stage1.get("pretrained") is None and stage1.get("model"):
-            found.setdefault(stage1["model"], stage1.get("augment", "open_clip"))
+        if stage1.get("model"):
+            found.setdefault(
+                stage1["model"],
+                {
+                    "augment": stage1.get("augment", "open_clip"),
+                    "pretrained": stage1.get("pretrained"),
+                },
+            )
     return found
 
 
@@ -45,8 +52,11 @@ def stage1_config(**overrides) -> Stage1Config:
     return Stage1Config(**{**base, **overrides})
 
 
-def digits_train_shards(root: Path, maxcount: int, n: int | None = None) -> Path:
-    """The first `n` digits images (all 1,797 by default) as train shards with a manifest."""
+def digits_train_shards(
+    root: Path, maxcount: int, n: int | None = None, encoding: str = "auto"
+) -> Path:
+    """The first `n` digits images (all 1,797 by default) as train shards with a manifest, in
+    `encoding` (`auto`, what `ecvl shard` writes for them: raw 32 px pixels)."""
     source = DigitsSource().load()
     split = source.splits["train"]
     if n is not None:

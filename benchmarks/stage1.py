@@ -3,8 +3,10 @@ against the same steps on pre-decoded tensors already in memory, side by side in
 
     python benchmarks/stage1.py --out benchmarks/results/stage1.json
 
-Every model a CPU preset trains (params.yaml and pipeline/presets/) is measured, each fed by
-its preset's train transform (`stage1.augment`).
+Every model a preset trains (params.yaml and pipeline/presets/) is measured, each fed as the
+stage feeds it: shards as `ecvl shard` writes them (`shard.encoding: auto`, raw 32 px pixels)
+and its preset's train augmentation batched (`ecvl.data.batch_augment`). Models above 64 px
+(RN50 @224, a GPU preset's, random init here) take `--large-steps` of `--large-batch-size`.
 
 Both arms use the same trainer, model, batch size and step count and alternate A B A B, so
 machine drift hits both; the figure of merit is the median of the per-pair ratios
@@ -16,7 +18,7 @@ training thread (the data worker has a core of its own), which isolates what the
 itself costs the trainer. A third measurement reads the same batches with no training on one
 core; from it, `core_share_bound_ratio` is the best ratio any schedule could reach when the data
 path and the model share the machine's cores (see `common.core_share_bound`). The same reads
-with every image normalised alone give `batch_normalize_speedup` (see `ecvl.data.batch_norm`).
+through the pre-#16 path (PNG members, the per-image PIL transform) give `data_path_speedup`.
 A run whose bare model is slower on all threads than on one is flagged `contended` and does
 not count for the goal: on a shared host the cores were not all ours.
 """
@@ -37,12 +39,13 @@ import open_clip
 import torch
 from common import (
     core_share_bound,
-    cpu_preset_augments,
     data_alone_images_per_s,
     digits_train_shards,
+    preset_models,
     stage1_config,
 )
 
+from ecvl.data.batch_augment import batch_augment_for
 from ecvl.data.reader import check_shard_count, make_loader, take, train_pipeline
 from ecvl.data.shards import load_manifest
 from ecvl.data.transforms import train_transform
@@ -59,17 +62,20 @@ def main() -> None:
         "--models",
         nargs="+",
         default=None,
-        help="open_clip names; default: the stage-I model of params.yaml and every CPU preset",
+        help="open_clip names; default: the stage-I model of params.yaml and every preset",
     )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=40, help="steps per measured epoch")
+    ap.add_argument("--large-batch-size", type=int, default=16, help="models above 64 px")
+    ap.add_argument("--large-steps", type=int, default=2, help="models above 64 px")
+    ap.add_argument("--large-pairs", type=int, default=2, help="models above 64 px")
     ap.add_argument("--pairs", type=int, default=5, help="A/B pairs")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/stage1.json"))
     args = ap.parse_args()
-    augments = cpu_preset_augments()
-    models = args.models or list(augments)
-    results = {m: measure(m, augments.get(m, "open_clip"), args) for m in models}
+    presets = preset_models()
+    models = args.models or list(presets)
+    results = {m: measure(m, presets.get(m, {}).get("augment", "open_clip"), args) for m in models}
     out = {
         "benchmark": "stage1_data_pipeline_overhead",
         "batch_size": args.batch_size,
@@ -92,74 +98,93 @@ def summarise(result: dict) -> dict:
     summary = {
         k: {m: round(v[m], 3) for m in v if m.startswith("median")} for k, v in settings.items()
     }
-    keys = ("core_share_bound_ratio", "batch_normalize_speedup", "bare_thread_scaling")
+    keys = ("core_share_bound_ratio", "data_path_speedup", "bare_thread_scaling")
     return {
         "augment": result["augment"],
+        "batched": result["batched"],
+        "batch_size": result["batch_size"],
         **summary,
         **{k: round(result[k], 3) for k in keys},
-        "data_alone_one_core_images_per_s": round(
-            statistics.median(result["data_alone_one_core_images_per_s"])
-        ),
+        **{
+            k: round(statistics.median(result[k]))
+            for k in (
+                "data_alone_one_core_images_per_s",
+                "data_alone_png_per_image_images_per_s",
+                "data_alone_gpu_worker_images_per_s",
+            )
+            if result[k]
+        },
         "contended": result["contended"],
         "meets_goal": result["meets_goal"],
     }
 
 
 def measure(model: str, augment: str, args: argparse.Namespace) -> dict:
-    """Every figure for one model, fed by its preset's train transform."""
+    """Every figure for one model, fed by its preset's train augmentation."""
     default_threads = torch.get_num_threads()
     device = torch.device("cpu")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = load_manifest(digits_train_shards(Path(tmp), maxcount=200))
+        manifest = load_manifest(digits_train_shards(Path(tmp) / "auto", maxcount=200))
+        png = load_manifest(digits_train_shards(Path(tmp) / "png", maxcount=200, encoding="png"))
         bundle = create_model(model, device=device)
-        transform = train_transform(
-            augment, bundle.train_transform, open_clip.get_model_preprocess_cfg(bundle.model)
-        )
+        large = bundle.image_size > 64
+        batch_size = args.large_batch_size if large else args.batch_size
+        steps = args.large_steps if large else args.steps
+        pairs = args.large_pairs if large else args.pairs
+        preprocess = open_clip.get_model_preprocess_cfg(bundle.model)
+        transform = train_transform(augment, bundle.train_transform, preprocess)
+        batched = batch_augment_for(augment, bundle.train_transform, preprocess)
         tokens = tokenize_prompts(bundle.tokenizer, manifest.classes, ["a photo of a {}."])
-        total = args.steps * (4 * args.pairs + 2)
+        total = steps * (4 * pairs + 2)
         trainer = Stage1Trainer(
             bundle.model,
             tokens,
-            stage1_config(epochs=4 * args.pairs + 2, steps_per_epoch=total, lr=1e-4),
+            stage1_config(epochs=4 * pairs + 2, steps_per_epoch=total, lr=1e-4),
             device,
         )
         urls = manifest.shard_paths("train")
         workers = check_shard_count(len(urls), 1, args.workers)
 
         def pipeline_batches(epoch: int):
-            pipe = train_pipeline(urls, transform, args.batch_size, 0, epoch, 1000)
-            return take(make_loader(pipe, workers), args.steps)
+            pipe = train_pipeline(urls, transform, batch_size, 0, epoch, 1000, augment=batched)
+            return take(make_loader(pipe, workers), steps)
 
         # The bare arm: the same decoded, augmented batches, materialised beforehand.
-        cached = list(islice(pipeline_batches(0), args.steps))
+        cached = list(islice(pipeline_batches(0), steps))
 
         def timed(batches) -> float:
             start = time.perf_counter()
             stats = trainer.train_epoch(batches, progress=False)
             assert stats.epoch == trainer.epoch
-            return args.steps * args.batch_size / (time.perf_counter() - start)
+            return steps * batch_size / (time.perf_counter() - start)
 
-        def data_alone(transform) -> float:
-            """The same batches (read, decode, augment) with no training, on one core."""
-            pipe = train_pipeline(urls, transform, args.batch_size, 0, 99, 1000)
-            batches = take(make_loader(pipe, 0), args.steps)
-            return data_alone_images_per_s(batches, args.steps * args.batch_size)
+        def data_alone(shards: list[str], augment, gpu_worker: bool = False) -> float:
+            """The same reads (decode, augment) with no training, on one core; at least 40
+            batches, so that the small-batch models are timed over as many images. With
+            `gpu_worker`, only what a data worker does when training on CUDA (decode, collate,
+            draw the crops): the pixels then move on the GPU."""
+            reads = max(steps, 40 * args.batch_size // batch_size)
+            device = "cuda" if gpu_worker else "cpu"  # a pipeline for CUDA runs on any host
+            pipe = train_pipeline(shards, transform, batch_size, 0, 99, 1000, device, batched)
+            batches = iter(pipe) if gpu_worker else make_loader(pipe, 0)
+            return data_alone_images_per_s(take(batches, reads), reads * batch_size)
 
-        # The stage normalises whole batches (ecvl.data.batch_norm); wrapped, the transform is
-        # opaque to that split and every image is normalised alone, as open_clip does it.
-        alone, alone_per_image = [], []
-        for _ in range(args.pairs):
-            alone.append(data_alone(transform))
-            alone_per_image.append(data_alone(lambda im: transform(im)))
+        alone, before, worker = [], [], []
+        for _ in range(pairs):
+            alone.append(data_alone(urls, batched))
+            # the pre-#16 path: PNG members and the per-image PIL transform
+            before.append(data_alone(png.shard_paths("train"), None))
+            if batched is not None:
+                worker.append(data_alone(urls, batched, gpu_worker=True))
         settings = {}
         for threads in (default_threads, 1):
             torch.set_num_threads(threads)
             timed(iter(cached))  # warm-up
             bare, full = [], []
-            for i in range(args.pairs):
+            for i in range(pairs):
                 bare.append(timed(iter(cached)))
-                full.append(timed(pipeline_batches(len(settings) * args.pairs + i + 1)))
+                full.append(timed(pipeline_batches(len(settings) * pairs + i + 1)))
             ratios = [f / b for f, b in zip(full, bare, strict=True)]
             settings[f"torch_threads_{threads}"] = {
                 "bare_images_per_s": bare,
@@ -174,14 +199,17 @@ def measure(model: str, augment: str, args: argparse.Namespace) -> dict:
     stage = settings[f"torch_threads_{default_threads}"]
     result = {
         "augment": augment,
+        "batched": batched is not None,
+        "image_size": bundle.image_size,
+        "batch_size": batch_size,
+        "steps_per_epoch": steps,
         "data_workers": workers,
         "settings": settings,
         "stage_median_ratio": stage["median_ratio"],
         "data_alone_one_core_images_per_s": alone,
-        "data_alone_per_image_normalize_images_per_s": alone_per_image,
-        "batch_normalize_speedup": statistics.median(
-            a / b for a, b in zip(alone, alone_per_image, strict=True)
-        ),
+        "data_alone_png_per_image_images_per_s": before,
+        "data_alone_gpu_worker_images_per_s": worker,
+        "data_path_speedup": statistics.median(a / b for a, b in zip(alone, before, strict=True)),
         "core_share_bound_ratio": core_share_bound(
             stage["median_bare_images_per_s"], statistics.median(alone), os.cpu_count() or 1
         ),

@@ -245,3 +245,18 @@ def test_cuda_result_equals_cpu(kind, antialias):
     assert cuda.device.type == "cuda"
     mean, worst = _diff(cuda.cpu(), cpu)
     assert mean <= 0.001 and worst <= 1
+
+
+def test_whole_pixel_shifts_are_copied_exactly_as_the_resampling_matrices_give(monkeypatch):
+    import ecvl.data.batch_augment as module
+
+    images = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
+    for antialias in (False, True):
+        augment = module.BatchAugment("pad_crop", 12, pad=3, flip=True, antialias=antialias)
+        plan = augment.draw([12] * 16, [12] * 16, torch.Generator().manual_seed(5))
+        assert module._whole_shifts(plan, 12)
+        copied = augment.apply(images, plan)
+        with monkeypatch.context() as m:
+            m.setattr(module, "_whole_shifts", lambda plan, size: False)
+            resampled = augment.apply(images, plan)
+        assert torch.equal(copied, resampled)
