@@ -301,6 +301,15 @@ def _export_split(
             f"{manifest.count(split)}"
         )
     mine = list(range(world.rank, len(urls), world.world_size))
+    if world.distributed:
+        log.info(
+            "export %s: rank %d of %d encodes shards %s of %d",
+            split,
+            world.rank,
+            world.world_size,
+            ", ".join(map(str, mine)) or "none",
+            len(urls),
+        )
     results = _encode_shards(
         [urls[k] for k in mine], [counts[k] for k in mine], encode, images is not None
     )
@@ -349,6 +358,15 @@ def _export_bank(
     blocks = list(range(start, n, step))
     if start and world.is_main:
         log.info("export bank: resuming at row %d of %d", start, n)
+    if world.distributed:
+        log.info(
+            "export bank: rank %d of %d encodes blocks %s of %d (%d rows each)",
+            world.rank,
+            world.world_size,
+            ", ".join(str(b // step) for b in blocks[world.rank :: world.world_size]) or "none",
+            -(-n // step),
+            step,
+        )
 
     def mine() -> Iterator[tuple]:
         for a in blocks[world.rank :: world.world_size]:
