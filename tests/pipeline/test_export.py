@@ -157,10 +157,25 @@ def test_model_with_other_embedding_dim(tmp_path, upstream):
 
 # Under torchrun. A launcher patches the bank's block size (so it has several blocks to deal
 # out) in every process, the one-process reference included.
+# With KILL_AT_BANK_BLOCK=n, rank 0 is interrupted as it writes the n-th bank block.
 LAUNCHER = """
-import ecvl.data.embeddings
+import os
 
-ecvl.data.embeddings._BANK_SHARD_BYTES = 2 * 4 * 64 * 25  # 25 rows: several bank blocks
+import ecvl.data.embeddings as embeddings
+
+embeddings._BANK_SHARD_BYTES = 2 * 4 * 64 * 25  # 25 rows: several bank blocks
+kill, calls = int(os.environ.get("KILL_AT_BANK_BLOCK", 0)), []
+real = embeddings.EmbeddingWriter.write_bank
+
+
+def write_bank(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == kill:
+        raise KeyboardInterrupt
+    return real(self, *args, **kwargs)
+
+
+embeddings.EmbeddingWriter.write_bank = write_bank
 from pipeline.cli import main
 
 main()
@@ -177,7 +192,7 @@ def small_shards(upstream, tmp_path_factory):
     return root / "data/shards"
 
 
-def _launch(tmp_path, upstream, shards, ranks: int, num_workers: int, **export):
+def _launch(tmp_path, upstream, shards, ranks: int, num_workers: int, kill_at_bank_block=0):
     """`ecvl export` in fresh processes (`ranks` of them under torchrun), one torch thread each
     (what torchrun gives a rank), on `shards` with the module's stage-I model."""
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -186,13 +201,14 @@ def _launch(tmp_path, upstream, shards, ranks: int, num_workers: int, **export):
         tmp_path,
         base={"seed": 0, "device": "cpu", "num_workers": num_workers, "progress": False},
         paths=paths,
-        export={"batch_size": 8, "bank_views": 4, **export},  # 25-sample shards: 8, 8, 8, 1
+        export={"batch_size": 8, "bank_views": 4},  # 25-sample shards: batches of 8, 8, 8, 1
     )
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
+        "KILL_AT_BANK_BLOCK": str(kill_at_bank_block),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     head = [sys.executable]
@@ -229,14 +245,20 @@ def _assert_same_stores(a: Path, b: Path) -> None:
                 assert ha[name][...].tobytes() == hb[name][...].tobytes(), name
 
 
+@pytest.fixture(scope="module")
+def one_process_export(upstream, small_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one_process")
+    one = _launch(root, upstream, small_shards, ranks=1, num_workers=0)
+    assert one.returncode == 0, one.stderr[-3000:]
+    return root / "data"
+
+
 @pytest.mark.slow
 def test_under_torchrun_every_rank_encodes_and_the_stores_equal_one_process(
-    tmp_path, upstream, small_shards
+    tmp_path, upstream, small_shards, one_process_export
 ):
     """Rank 0 used to export everything alone; now both ranks encode their shards and bank
     blocks (2 data workers each here, none in the reference) and rank 0 writes them."""
-    one = _launch(tmp_path / "one", upstream, small_shards, ranks=1, num_workers=0)
-    assert one.returncode == 0, one.stderr[-3000:]
     two = _launch(tmp_path / "two", upstream, small_shards, ranks=2, num_workers=2)
     assert two.returncode == 0, two.stderr[-3000:]
     shards = len(load_manifest(small_shards).shard_paths("train"))
@@ -245,7 +267,21 @@ def test_under_torchrun_every_rank_encodes_and_the_stores_equal_one_process(
     assert f"export train: rank 1 of 2 encodes shards {odd} of {shards}" in two.stderr
     assert "export bank: rank 1 of 2 encodes blocks 1, 3" in two.stderr
     assert two.stderr.count("wrote ") == 1  # only rank 0 writes
-    _assert_same_stores(tmp_path / "one/data", tmp_path / "two/data")
+    _assert_same_stores(one_process_export, tmp_path / "two/data")
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_killed_export_resumes_to_the_same_stores(
+    tmp_path, upstream, small_shards, one_process_export
+):
+    killed = _launch(tmp_path, upstream, small_shards, ranks=2, num_workers=0, kill_at_bank_block=3)
+    assert killed.returncode != 0 and "export: interrupted" in killed.stderr
+    assert not (tmp_path / "data/embeddings.zarr").exists()
+    again = _launch(tmp_path, upstream, small_shards, ranks=2, num_workers=0)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "export test: complete in an earlier run" in again.stderr
+    assert "export bank: resuming at row 50" in again.stderr  # after blocks 0 and 1
+    _assert_same_stores(one_process_export, tmp_path / "data")
 
 
 @pytest.mark.slow
