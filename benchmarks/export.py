@@ -26,11 +26,11 @@ import torch
 from common import core_share_bound, data_alone_images_per_s, digits_train_shards
 
 from ecvl.data.embeddings import EmbeddingWriter
-from ecvl.data.image_store import ImageStoreWriter
 from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
 from ecvl.data.shards import load_manifest
+from ecvl.distributed import WorldInfo
 from ecvl.models.clip import create_model
-from pipeline.export import _export_split
+from pipeline.export import _Encoder, _export_split
 
 
 def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) -> dict:
@@ -69,19 +69,8 @@ def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) 
                 },
             )
             start = time.perf_counter()
-            with ImageStoreWriter(out / "i.h5", n) as images:
-                _export_split(
-                    "train",
-                    manifest,
-                    bundle,
-                    emb,
-                    images,
-                    device,
-                    "fp32",
-                    batch_size,
-                    workers,
-                    progress=False,
-                )
+            encode = _Encoder(bundle, device, "fp32", batch_size, workers)
+            _export_split("train", manifest, encode, emb, out / "i.h5", WorldInfo(), False)
             return n / (time.perf_counter() - start)
 
         def data_alone() -> float:

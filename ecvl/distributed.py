@@ -1,18 +1,23 @@
 """Process-group set-up for torchrun, read from the environment once and returned.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain `python`/`ecvl` run
-has none of them and is rank 0 of 1. NCCL on GPUs, gloo on CPUs.
+has none of them and is rank 0 of 1. NCCL on GPUs, gloo on CPUs. Also the few collectives the
+stages use (object gathers and broadcasts, `collect_in_order`), each a no-op without a group.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from ecvl.errors import DeviceError
+from ecvl.errors import DeviceError, EcvlError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -142,3 +147,86 @@ def all_gather_objects(world: WorldInfo, obj):
 def shutdown(world: WorldInfo) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_object(world: WorldInfo, obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (`obj` itself without a process group)."""
+    if not (world.distributed and dist.is_initialized()):
+        return obj
+    box = [obj if world.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What a rank sends in place of a result when producing it raised an `EcvlError`."""
+
+    error: EcvlError
+
+
+def on_main(world: WorldInfo, fn: Callable[[], T]) -> T:
+    """`fn()` run on rank 0 alone; every rank returns its result, or raises its `EcvlError`
+    (so a user error on rank 0 stops the others with the same one line, not a hang)."""
+    out: Any = None
+    if world.is_main:
+        try:
+            out = fn()
+        except EcvlError as e:
+            out = _Failure(e)
+    out = broadcast_object(world, out)
+    if isinstance(out, _Failure):
+        raise out.error
+    return out
+
+
+def collect_in_order(
+    world: WorldInfo,
+    count: int,
+    produce: Iterator,
+    consume: Callable[[int, Any], None] | None,
+) -> None:
+    """Items 0..count-1 dealt to the ranks in turn (item i on rank i % world_size), handed to
+    rank 0 in item order: the pattern of a stage whose ranks compute and one process writes.
+
+    Every rank passes `produce`, an iterator over the results of its own items in order; rank 0
+    calls `consume(i, result)` for every item i in order (the other ranks pass None). The items
+    go in rounds of one per rank, each rank's result sent to rank 0 point to point, so rank 0
+    holds its own result and at most one other rank's at a time. After each round rank 0 tells
+    every rank whether to go on: an `EcvlError` raised by any rank's `produce` (or by rank 0's
+    `consume`) stops every rank at the end of that round with that error (the first in item
+    order), instead of leaving the others blocked in a send. Any other exception is a bug and
+    ends the process (torchrun then stops the others). Without a process group it is a plain
+    loop: `consume(i, result)` for each result, the first error raised as it comes.
+    """
+    size, rank = world.world_size, world.rank
+    for first in range(0, count, size):
+        own: Any = None
+        if first + rank < count:
+            try:
+                own = next(produce)
+            except EcvlError as e:
+                own = _Failure(e)
+        stop: EcvlError | None = None
+        if rank:
+            if first + rank < count:
+                dist.send_object_list([own], dst=0)
+        else:
+            for i in range(first, min(count, first + size)):
+                got = own
+                if i > first:
+                    box = [None]
+                    dist.recv_object_list(box, src=i - first)
+                    got = box[0]
+                if stop is not None:
+                    continue  # received only to release the sender
+                if isinstance(got, _Failure):
+                    stop = got.error
+                    continue
+                try:
+                    consume(i, got)
+                except EcvlError as e:
+                    stop = e
+        stop = broadcast_object(world, stop)
+        if stop is not None:
+            raise stop

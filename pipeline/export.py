@@ -17,19 +17,31 @@ split; a killed export re-run with the same model, shards and params continues a
 incomplete split (the bank: at its first unwritten block) and ends with the same bytes;
 anything else starts over.
 
-Under torchrun only rank 0 exports (the other ranks return at once): the stores are written
-in one order by one process, so they are identical to a one-process export.
+Under torchrun every rank encodes its part: shard k of a split on rank k % world size, the
+bank's unwritten blocks dealt to the ranks in turn; rank 0 alone writes both stores (HDF5 takes
+one writer), receiving the other ranks' results one shard or block at a time, in sample order
+(`ecvl.distributed.collect_in_order`). The stores are identical to a one-process export's
+whatever the world size, because what goes through the encoder together never depends on it:
+an encoder batch holds rows of one shard (rows b·B .. b·B + B - 1 of it; batches never span
+two shards, also in one process), a bank batch rows of one block (`ecvl.bank`). So neither the
+world size nor the number of data workers is part of the run's fingerprint, and a killed run
+resumes under any world size. Assumed alike on every rank: the device type and model, and on
+CPUs the number of torch threads (a CPU kernel may sum in another order with other threads;
+torchrun sets OMP_NUM_THREADS=1 unless it is set). Every rank reads the shards and, for the
+bank, the partial image store at the same paths (one node, or a shared filesystem).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ecvl.bank import encode_bank_block
@@ -37,7 +49,15 @@ from ecvl.data.embeddings import EmbeddingWriter
 from ecvl.data.image_store import ImageStore, ImageStoreWriter
 from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
 from ecvl.data.shards import Manifest, load_manifest
-from ecvl.distributed import resolve_device, world_info
+from ecvl.distributed import (
+    WorldInfo,
+    collect_in_order,
+    init_distributed,
+    on_main,
+    resolve_device,
+    shutdown,
+    world_info,
+)
 from ecvl.errors import DataError, ModelError
 from ecvl.evaluation import encode_loader
 from ecvl.models.clip import ClipBundle
@@ -56,12 +76,17 @@ BANK = "train/bank"  # the view bank's entry in the mark once complete
 
 
 def run(params: Params) -> None:
-    p, paths = params.export, params.paths
     world = world_info()
-    if not world.is_main:
-        log.info("export: rank %d has nothing to do (rank 0 writes the caches)", world.rank)
-        return
     device = resolve_device(params.base.device, world)
+    init_distributed(world, device)
+    try:
+        _export(params, world, device)
+    finally:
+        shutdown(world)
+
+
+def _export(params: Params, world: WorldInfo, device: torch.device) -> None:
+    p, paths = params.export, params.paths
     precision = resolve_precision(p.precision, device)
     manifest = load_manifest(paths.shards)
     bundle, info = load_stage1(paths.stage1, device)
@@ -71,91 +96,80 @@ def run(params: Params) -> None:
             "(re-run `ecvl stage1`)"
         )
     templates = list(params.prompts.eval_templates)
-    workers = {
-        s: check_shard_count(len(manifest.shard_paths(s)), 1, params.base.num_workers)
-        for s in manifest.splits
-    }
     splits = {s: manifest.count(s) for s in manifest.splits}
-    attrs = {
-        "model_name": bundle.name,
-        "checkpoint_digest": model_digest(paths.stage1),
-        "templates": templates,
-        "classes": list(manifest.classes),
-        "model_dir": str(paths.stage1),
-        # Stage II re-encodes views with the same encoder: it must use the same precision, or
-        # a clean view re-encoded would not equal its cached row.
-        "precision": precision,
-    }
-    run_id = fingerprint(
-        code_digest(),
-        to_plain(p),
-        attrs,
-        manifest.data["source_fingerprint"],
-        workers,
-        str(device),
-        params.base.seed,  # the bank's crops and flips
-    )
     part = paths.embeddings.with_name(f".{paths.embeddings.name}.partial")
-    done = _finished_splits(part, run_id)
-    emb = EmbeddingWriter(
-        part / "embeddings.zarr",
-        splits,
-        bundle.embed_dim,
-        attrs,
-        resume=bool(done),
-        bank_views=p.bank_views,
-        bank_seed=params.base.seed,
-    )
+    progress = params.base.progress and world.is_main
+    encode = _Encoder(bundle, device, precision, p.batch_size, params.base.num_workers)
+    emb: EmbeddingWriter | None = None
+    run_id = ""
+
+    def start() -> list[str]:  # the partial directory is rank 0's alone
+        nonlocal emb, run_id
+        attrs = {
+            "model_name": bundle.name,
+            "checkpoint_digest": model_digest(paths.stage1),
+            "templates": templates,
+            "classes": list(manifest.classes),
+            "model_dir": str(paths.stage1),
+            # Stage II re-encodes views with the same encoder: it must use the same precision,
+            # or a clean view re-encoded would not equal its cached row.
+            "precision": precision,
+        }
+        run_id = fingerprint(
+            code_digest(),
+            to_plain(p),
+            attrs,
+            manifest.data["source_fingerprint"],
+            device.type,  # not the world size nor the workers: the bytes do not depend on them
+            params.base.seed,  # the bank's crops and flips
+        )
+        done = _finished_splits(part, run_id)
+        emb = EmbeddingWriter(
+            part / "embeddings.zarr",
+            splits,
+            bundle.embed_dim,
+            attrs,
+            resume=bool(done),
+            bank_views=p.bank_views,
+            bank_seed=params.base.seed,
+        )
+        return done
+
+    done = on_main(world, start)
     for split in manifest.splits:
         if split in done:
-            log.info("export %s: complete in an earlier run", split)
+            if world.is_main:
+                log.info("export %s: complete in an earlier run", split)
             continue
-        images = ImageStoreWriter(part / IMAGES, splits["train"]) if split == "train" else None
-        with images or contextlib.nullcontext():
-            _export_split(
-                split,
-                manifest,
-                bundle,
-                emb,
-                images,
-                device,
-                precision,
-                p.batch_size,
-                workers[split],
-                params.base.progress,
-            )
+        images = part / IMAGES if split == "train" else None
+        _export_split(split, manifest, encode, emb, images, world, progress)
         done.append(split)
-        write_json(part / MARK, {"run": run_id, "splits": done})
+        if world.is_main:
+            write_json(part / MARK, {"run": run_id, "splits": done})
     if p.bank_views and BANK not in done:
-        _export_bank(
-            emb,
-            ImageStore(part / IMAGES),
-            bundle,
-            params.base.seed,
-            device,
-            precision,
-            p.batch_size,
-            params.base.num_workers,
-            params.base.progress,
-        )
+        _export_bank(emb, part / IMAGES, encode, params.base.seed, world, progress)
         done.append(BANK)
-        write_json(part / MARK, {"run": run_id, "splits": done})
-    with torch.no_grad():
-        text = class_text_features(
-            bundle.model.eval(), bundle.tokenizer, manifest.classes, templates, device=device
-        )
-    emb.write_text_features(text.float().cpu())
+        if world.is_main:
+            write_json(part / MARK, {"run": run_id, "splits": done})
 
-    replace(part / "embeddings.zarr", paths.embeddings)
-    replace(part / IMAGES, paths.image_store)
-    shutil.rmtree(part)
-    log.info(
-        "wrote %s (%s) and %s (%d train images)",
-        paths.embeddings,
-        ", ".join(f"{s} {n}" for s, n in splits.items()),
-        paths.image_store,
-        splits["train"],
-    )
+    def finish() -> None:
+        with torch.no_grad():
+            text = class_text_features(
+                bundle.model.eval(), bundle.tokenizer, manifest.classes, templates, device=device
+            )
+        emb.write_text_features(text.float().cpu())
+        replace(part / "embeddings.zarr", paths.embeddings)
+        replace(part / IMAGES, paths.image_store)
+        shutil.rmtree(part)
+        log.info(
+            "wrote %s (%s) and %s (%d train images)",
+            paths.embeddings,
+            ", ".join(f"{s} {n}" for s, n in splits.items()),
+            paths.image_store,
+            splits["train"],
+        )
+
+    on_main(world, finish)  # no rank reports success before the stores are in place
 
 
 def _finished_splits(part: Path, run_id: str) -> list[str]:
@@ -173,65 +187,204 @@ def _finished_splits(part: Path, run_id: str) -> list[str]:
     return []
 
 
+class _Encoder:
+    """The frozen encoder and how this rank runs it (device, precision, batch size, workers)."""
+
+    def __init__(
+        self,
+        bundle: ClipBundle,
+        device: torch.device,
+        precision: str,
+        batch_size: int,
+        num_workers: int,
+    ) -> None:
+        self.bundle, self.model = bundle, bundle.model.eval()
+        self.device, self.precision = device, precision
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def check_dim(self, dim: int) -> None:
+        if dim != self.bundle.embed_dim:
+            raise ModelError(
+                f"the model gives {dim}-d embeddings, expected {self.bundle.embed_dim}"
+            )
+
+
+class _ShardBatches(IterableDataset):
+    """Batches that never span two shards, each tagged with its shard's position in `urls`.
+
+    Data worker w of W reads shards w, w + W, ... each through its own one-shard
+    `eval_pipeline` (given W copies of the url: the pipeline splits its list by worker, so
+    this worker reads one), so a batch is rows b·B .. b·B + B - 1 of one shard whatever the
+    worker count or the rank, and the encoder sees the same batches in every run.
+    """
+
+    def __init__(self, urls: list[str], encode: _Encoder, with_bytes: bool) -> None:
+        self.urls, self.with_bytes = list(urls), with_bytes
+        self.transform = encode.bundle.eval_transform
+        self.batch_size, self.device = encode.batch_size, encode.device
+        # what make_loader reads: the normalisation the pipelines leave to the device
+        probe = self._pipeline(self.urls[:1])  # built, never read
+        self.device_normalize = getattr(probe, "device_normalize", None)
+
+    def _pipeline(self, urls: list[str]):
+        return eval_pipeline(
+            urls, self.transform, self.batch_size, with_bytes=self.with_bytes, device=self.device
+        )
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for k in range(worker, len(self.urls), workers):
+            for batch in self._pipeline([self.urls[k]] * workers):
+                yield (*batch, k)
+
+
+def _encode_shards(
+    urls: list[str], counts: list[int], encode: _Encoder, with_bytes: bool
+) -> Iterator[tuple]:
+    """Per shard of `urls`, in order: (features n×d float16, labels, keys, encoded bytes or
+    None). Holds the shards its data workers are reading, no more.
+
+    Raises:
+        DataError: a shard holds another number of samples than the manifest lists.
+        ModelError: the embeddings are not d-dimensional.
+    """
+    if not urls:
+        return
+    workers = check_shard_count(len(urls), 1, encode.num_workers)
+    loader = make_loader(_ShardBatches(urls, encode, with_bytes), workers, encode.device)
+    parts: dict[int, list[tuple]] = {k: [] for k in range(len(urls))}
+    got, ready = [0] * len(urls), 0
+
+    def joined(k: int) -> tuple:
+        blocks = parts.pop(k)
+        feats = [b[0] for b in blocks] or [np.zeros((0, encode.bundle.embed_dim), np.float16)]
+        return (
+            np.concatenate(feats),
+            np.concatenate([b[1] for b in blocks] or [np.zeros(0, np.int64)]),
+            [key for b in blocks for key in b[2]],
+            [data for b in blocks for data in b[3]] if with_bytes else None,
+        )
+
+    batches = encode_loader(encode.model, loader, encode.device, encode.precision)
+    for feats, labels, keys, *rest in batches:
+        k = rest[-1]
+        encode.check_dim(feats.shape[1])
+        got[k] += len(keys)
+        if got[k] > counts[k]:
+            raise DataError(f"{urls[k]}: more samples than the {counts[k]} the manifest lists")
+        parts[k].append((feats.numpy().astype(np.float16), labels.numpy(), keys, *rest[:-1]))
+        while ready < len(urls) and got[ready] == counts[ready]:
+            yield joined(ready)
+            ready += 1
+    for k in range(ready, len(urls)):
+        if got[k] != counts[k]:
+            raise DataError(f"{urls[k]}: read {got[k]} samples, the manifest lists {counts[k]}")
+        yield joined(k)
+
+
 def _export_split(
     split: str,
     manifest: Manifest,
-    bundle: ClipBundle,
-    emb: EmbeddingWriter,
-    images: ImageStoreWriter | None,
-    device,
-    precision: str,
-    batch_size: int,
-    workers: int,
+    encode: _Encoder,
+    emb: EmbeddingWriter | None,
+    images: Path | None,
+    world: WorldInfo,
     progress: bool,
 ) -> None:
-    n = manifest.count(split)
-    pipe = eval_pipeline(
-        manifest.shard_paths(split),
-        bundle.eval_transform,
-        batch_size,
-        with_bytes=images is not None,
-        device=device,
+    """One split's embeddings (and for train the image store at `images`): this rank encodes
+    shards rank, rank + world size, ...; rank 0 writes every shard, in order."""
+    urls, counts = manifest.shard_paths(split), manifest.shard_counts(split)
+    if sum(counts) != manifest.count(split):
+        raise DataError(
+            f"{manifest.root}: the {split} shards list {sum(counts)} samples, the split "
+            f"{manifest.count(split)}"
+        )
+    mine = list(range(world.rank, len(urls), world.world_size))
+    if world.distributed:
+        log.info(
+            "export %s: rank %d of %d encodes shards %s of %d",
+            split,
+            world.rank,
+            world.world_size,
+            ", ".join(map(str, mine)) or "none",
+            len(urls),
+        )
+    results = _encode_shards(
+        [urls[k] for k in mine], [counts[k] for k in mine], encode, images is not None
     )
-    batches = make_loader(pipe, workers, device)
-    start = 0
-    with tqdm(total=n, desc=f"export {split}", unit="img", disable=not progress) as bar:
-        for feats, labels, keys, *encoded in encode_loader(
-            bundle.model, batches, device, precision
-        ):
-            if feats.shape[1] != emb.embed_dim:
-                raise ModelError(
-                    f"the model gives {feats.shape[1]}-d embeddings, expected {emb.embed_dim}"
-                )
-            emb.write(split, start, feats.numpy().astype("float16"), labels.numpy(), keys)
-            if images is not None:
-                images.write(start, list(encoded[0]), labels.numpy(), keys)
-            start += len(keys)
-            bar.update(len(keys))
-    if start != n:
-        raise DataError(f"export {split}: read {start} samples, the manifest lists {n}")
-    if images is not None:
-        images.mark_complete()
+    if not world.is_main:
+        collect_in_order(world, len(urls), results, None)
+        return
+    starts = np.cumsum([0, *counts]).tolist()
+    writer = ImageStoreWriter(images, manifest.count(split)) if images is not None else None
+    try:
+        with tqdm(
+            total=manifest.count(split), desc=f"export {split}", unit="img", disable=not progress
+        ) as bar:
+
+            def write(k: int, shard: tuple) -> None:
+                feats, labels, keys, encoded = shard
+                emb.write(split, starts[k], feats, labels, keys)
+                if writer is not None:
+                    writer.write(starts[k], encoded, labels, keys)
+                bar.update(len(keys))
+
+            collect_in_order(world, len(urls), results, write)
+        if writer is not None:
+            writer.mark_complete()
+    finally:
+        if writer is not None:
+            writer.close()
     emb.mark_complete(split)
 
 
 def _export_bank(
-    emb: EmbeddingWriter,
-    store: ImageStore,
-    bundle: ClipBundle,
+    emb: EmbeddingWriter | None,
+    images: Path,
+    encode: _Encoder,
     seed: int,
-    device,
-    precision: str,
-    batch_size: int,
-    workers: int,
+    world: WorldInfo,
     progress: bool,
 ) -> None:
-    """The view bank, one shard of rows at a time from where an interrupted run stopped."""
-    n, step, views = len(store), emb.bank_shard_rows, emb.bank_views
-    start = emb.bank_rows_written
-    if start:
+    """The view bank, one block (zarr shard) of rows at a time from where an interrupted run
+    stopped; the blocks still to write are dealt to the ranks in turn."""
+    # rank 0 reaches this after closing the image store: the others read it from here on
+    start, step, views = on_main(
+        world, lambda: (emb.bank_rows_written, emb.bank_shard_rows, emb.bank_views)
+    )
+    store = ImageStore(images)
+    n = len(store)
+    blocks = list(range(start, n, step))
+    if start and world.is_main:
         log.info("export bank: resuming at row %d of %d", start, n)
-    model = bundle.model.eval()
+    if world.distributed:
+        log.info(
+            "export bank: rank %d of %d encodes blocks %s of %d (%d rows each)",
+            world.rank,
+            world.world_size,
+            ", ".join(str(b // step) for b in blocks[world.rank :: world.world_size]) or "none",
+            -(-n // step),
+            step,
+        )
+
+    def mine() -> Iterator[tuple]:
+        for a in blocks[world.rank :: world.world_size]:
+            feats, boxes, flips = encode_bank_block(
+                encode.model,
+                store,
+                range(a, min(n, a + step)),
+                views,
+                seed,
+                encode.bundle.eval_transform,
+                encode.device,
+                encode.precision,
+                encode.batch_size,
+                encode.num_workers,
+            )
+            encode.check_dim(feats.shape[2])
+            yield feats.astype(np.float16), boxes, flips
+
     try:
         with tqdm(
             total=n * views,
@@ -240,26 +393,13 @@ def _export_bank(
             unit="view",
             disable=not progress,
         ) as bar:
-            for a in range(start, n, step):
-                rows = range(a, min(n, a + step))
-                feats, boxes, flips = encode_bank_block(
-                    model,
-                    store,
-                    rows,
-                    views,
-                    seed,
-                    bundle.eval_transform,
-                    device,
-                    precision,
-                    batch_size,
-                    workers,
-                )
-                if feats.shape[2] != emb.embed_dim:
-                    raise ModelError(
-                        f"the model gives {feats.shape[2]}-d embeddings, expected {emb.embed_dim}"
-                    )
-                emb.write_bank(a, feats, boxes, flips)
-                bar.update(len(rows) * views)
+
+            def write(i: int, block: tuple) -> None:
+                emb.write_bank(blocks[i], *block)
+                bar.update(len(block[0]) * views)
+
+            collect_in_order(world, len(blocks), mine(), write if world.is_main else None)
     finally:
         store.close()
-    emb.mark_bank_complete()
+    if world.is_main:
+        emb.mark_bank_complete()

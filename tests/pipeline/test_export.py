@@ -1,5 +1,14 @@
 """`ecvl export`: embeddings and the train image store, aligned, resumable, atomic."""
 
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -17,6 +26,7 @@ from ecvl.text import class_text_features
 from pipeline.cli import main
 from support import edited_model_copy, upstream_paths, write_params
 
+ROOT = Path(__file__).resolve().parents[2]
 STAGE1 = {"epochs": 1, "batch_size": 32, "eval_batch_size": 128}
 EXPORT = {"batch_size": 40}
 
@@ -96,13 +106,13 @@ def test_kill_and_rerun_equals_straight_run(exported, upstream, tmp_path, monkey
     real = ecvl.data.embeddings.EmbeddingWriter.write
     calls, killing = [], [True]
 
-    def killed_on_second_val_block(self, split, *args, **kwargs):
+    def killed_in_val(self, split, *args, **kwargs):  # rank 0 writes a shard per call
         calls.append(split)
-        if killing[0] and calls.count("val") == 2:
+        if killing[0] and split == "val":
             raise KeyboardInterrupt
         return real(self, split, *args, **kwargs)
 
-    monkeypatch.setattr(ecvl.data.embeddings.EmbeddingWriter, "write", killed_on_second_val_block)
+    monkeypatch.setattr(ecvl.data.embeddings.EmbeddingWriter, "write", killed_in_val)
     assert _invoke("export", params).exit_code == 130
     assert not (tmp_path / "data/embeddings.zarr").exists()
     assert not (tmp_path / "data/train_images.h5").exists()
@@ -145,38 +155,163 @@ def test_model_with_other_embedding_dim(tmp_path, upstream):
     assert result.exit_code == 1 and "embedding dim 64" in result.output
 
 
-def _torchrun_env(monkeypatch, rank: int, world: int = 2) -> None:
-    for key, value in {
-        "RANK": rank,
-        "WORLD_SIZE": world,
-        "LOCAL_RANK": rank,
-        "LOCAL_WORLD_SIZE": world,
-    }.items():
-        monkeypatch.setenv(key, str(value))
+# Under torchrun. A launcher patches the bank's block size (so it has several blocks to deal
+# out) in every process, the one-process reference included.
+# With KILL_AT_BANK_BLOCK=n, rank 0 is interrupted as it writes the n-th bank block.
+LAUNCHER = """
+import os
+
+import ecvl.data.embeddings as embeddings
+
+embeddings._BANK_SHARD_BYTES = 2 * 4 * 64 * 25  # 25 rows: several bank blocks
+kill, calls = int(os.environ.get("KILL_AT_BANK_BLOCK", 0)), []
+real = embeddings.EmbeddingWriter.write_bank
 
 
-def test_under_torchrun_only_rank_zero_writes_the_same_stores(
-    tmp_path, upstream, exported, monkeypatch
+def write_bank(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == kill:
+        raise KeyboardInterrupt
+    return real(self, *args, **kwargs)
+
+
+embeddings.EmbeddingWriter.write_bank = write_bank
+from pipeline.cli import main
+
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def small_shards(upstream, tmp_path_factory):
+    """The module's data in shards of at most 25 samples (train 7 shards, val 2, test 4), so
+    that ranks own several shards, and unevenly."""
+    root = tmp_path_factory.mktemp("small_shards")
+    params = write_params(root, shard={"maxcount": 25})
+    assert _invoke("shard", params).exit_code == 0
+    return root / "data/shards"
+
+
+def _launch(tmp_path, upstream, shards, ranks: int, num_workers: int, kill_at_bank_block=0):
+    """`ecvl export` in fresh processes (`ranks` of them under torchrun), one torch thread each
+    (what torchrun gives a rank), on `shards` with the module's stage-I model."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    paths = {"shards": str(shards), **upstream_paths(upstream, "stage1")}
+    params = write_params(
+        tmp_path,
+        base={"seed": 0, "device": "cpu", "num_workers": num_workers, "progress": False},
+        paths=paths,
+        export={"batch_size": 8, "bank_views": 4},  # 25-sample shards: batches of 8, 8, 8, 1
+    )
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "KILL_AT_BANK_BLOCK": str(kill_at_bank_block),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    head = [sys.executable]
+    if ranks > 1:
+        torchrun = Path(sys.executable).parent / "torchrun"
+        head = [str(torchrun), "--standalone", "--nproc_per_node", str(ranks)]
+    return subprocess.run(
+        [*head, str(launcher), "export", "--params", str(params)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def _assert_same_stores(a: Path, b: Path) -> None:
+    """Every file of the two embedding stores (zarr arrays' chunks and metadata, attrs
+    included) byte for byte, and every dataset and attribute of the two image stores."""
+    za, zb = a / "embeddings.zarr", b / "embeddings.zarr"
+    files = sorted(p.relative_to(za) for p in za.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(zb) for p in zb.rglob("*") if p.is_file())
+    assert any(f.parts[:2] == ("train", "bank") for f in files)
+    for f in files:
+        assert (za / f).read_bytes() == (zb / f).read_bytes(), f
+    with h5py.File(a / "train_images.h5", "r") as ha, h5py.File(b / "train_images.h5", "r") as hb:
+        assert dict(ha.attrs) == dict(hb.attrs)
+        assert sorted(ha) == sorted(hb)
+        for name in ha:
+            assert ha[name].dtype == hb[name].dtype and ha[name].shape == hb[name].shape
+            assert dict(ha[name].attrs) == dict(hb[name].attrs)
+            if ha[name].dtype.kind == "O":  # the images: variable-length bytes
+                assert [bytes(x) for x in ha[name][...]] == [bytes(x) for x in hb[name][...]]
+            else:
+                assert ha[name][...].tobytes() == hb[name][...].tobytes(), name
+
+
+@pytest.fixture(scope="module")
+def one_process_export(upstream, small_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one_process")
+    one = _launch(root, upstream, small_shards, ranks=1, num_workers=0)
+    assert one.returncode == 0, one.stderr[-3000:]
+    return root / "data"
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_encodes_and_the_stores_equal_one_process(
+    tmp_path, upstream, small_shards, one_process_export
 ):
-    """Every rank used to encode everything into the same `.partial` stores."""
-    _torchrun_env(monkeypatch, rank=1)
-    result = _invoke("export", _params(tmp_path, upstream))
-    assert result.exit_code == 0, result.output
-    assert not (tmp_path / "data").exists()  # rank 1: nothing written, nothing half-written
+    """Rank 0 used to export everything alone; now both ranks encode their shards and bank
+    blocks (2 data workers each here, none in the reference) and rank 0 writes them."""
+    two = _launch(tmp_path / "two", upstream, small_shards, ranks=2, num_workers=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    shards = len(load_manifest(small_shards).shard_paths("train"))
+    assert shards % 2 == 1  # rank 0 owns one more
+    odd = ", ".join(map(str, range(1, shards, 2)))
+    assert f"export train: rank 1 of 2 encodes shards {odd} of {shards}" in two.stderr
+    assert "export bank: rank 1 of 2 encodes blocks 1, 3" in two.stderr
+    assert two.stderr.count("wrote ") == 1  # only rank 0 writes
+    _assert_same_stores(one_process_export, tmp_path / "two/data")
 
-    _torchrun_env(monkeypatch, rank=0)
-    result = _invoke("export", _params(tmp_path, upstream))
-    assert result.exit_code == 0, result.output
-    mine, single = (
-        open_embeddings(tmp_path / "data/embeddings.zarr"),
-        open_embeddings(exported / "data/embeddings.zarr"),
-    )
-    for split in single.splits:
-        np.testing.assert_array_equal(mine.split(split).features, single.split(split).features)
-        assert list(mine.split(split).keys) == list(single.split(split).keys)
-    assert list(ImageStore(tmp_path / "data/train_images.h5").keys) == list(
-        ImageStore(exported / "data/train_images.h5").keys
-    )
+
+@pytest.mark.slow
+def test_under_torchrun_a_killed_export_resumes_to_the_same_stores(
+    tmp_path, upstream, small_shards, one_process_export
+):
+    killed = _launch(tmp_path, upstream, small_shards, ranks=2, num_workers=0, kill_at_bank_block=3)
+    assert killed.returncode != 0 and "export: interrupted" in killed.stderr
+    assert not (tmp_path / "data/embeddings.zarr").exists()
+    again = _launch(tmp_path, upstream, small_shards, ranks=2, num_workers=0)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "export test: complete in an earlier run" in again.stderr
+    assert "export bank: resuming at row 50" in again.stderr  # after blocks 0 and 1
+    _assert_same_stores(one_process_export, tmp_path / "data")
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_data_error_on_one_rank_stops_both_with_one_line(
+    tmp_path, upstream, small_shards
+):
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    manifest = load_manifest(shards)
+    bad = Path(manifest.shard_paths("train")[1])  # rank 1's first shard
+    _garble_first_image(bad)
+    run = _launch(tmp_path / "two", upstream, shards, ranks=2, num_workers=0)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error: export: ")]
+    assert lines and len(set(lines)) == 1 and bad.name in lines[0], run.stderr[-3000:]
+    assert "cannot decode" in lines[0]
+    assert not (tmp_path / "two/data/embeddings.zarr").exists()
+
+
+def _garble_first_image(shard: Path) -> None:
+    """Overwrite the first image member's bytes (same length: the sample count still checks)."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar]
+    garbled = False
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if not garbled and member.name.endswith(".png"):
+                data, garbled = data[:8] + b"\0" * (len(data) - 8), True
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    assert garbled
 
 
 def test_the_export_records_its_resolved_precision(exported):
