@@ -213,29 +213,32 @@ class _ShardBatches(IterableDataset):
     """Batches that never span two shards, each tagged with its shard's position in `urls`.
 
     Data worker w of W reads shards w, w + W, ... each through its own one-shard
-    `eval_pipeline` (given W copies of the url: the pipeline splits its list by worker, so
-    this worker reads one), so a batch is rows b·B .. b·B + B - 1 of one shard whatever the
-    worker count or the rank, and the encoder sees the same batches in every run.
+    `eval_pipeline` (not split by worker), so a batch is rows b·B .. b·B + B - 1 of one shard
+    whatever the worker count or the rank, and the encoder sees the same batches in every run.
     """
 
     def __init__(self, urls: list[str], encode: _Encoder, with_bytes: bool) -> None:
         self.urls, self.with_bytes = list(urls), with_bytes
         self.transform = encode.bundle.eval_transform
         self.batch_size, self.device = encode.batch_size, encode.device
-        # what make_loader reads: the normalisation the pipelines leave to the device
-        probe = self._pipeline(self.urls[:1])  # built, never read
-        self.device_normalize = getattr(probe, "device_normalize", None)
+        # what make_loader reads: the work the pipelines leave to the device
+        self.device_finish = self._pipeline(self.urls[0]).device_finish  # built, never read
 
-    def _pipeline(self, urls: list[str]):
+    def _pipeline(self, url: str):
         return eval_pipeline(
-            urls, self.transform, self.batch_size, with_bytes=self.with_bytes, device=self.device
+            [url],
+            self.transform,
+            self.batch_size,
+            with_bytes=self.with_bytes,
+            device=self.device,
+            split_by_worker=False,
         )
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for k in range(worker, len(self.urls), workers):
-            for batch in self._pipeline([self.urls[k]] * workers):
+            for batch in self._pipeline(self.urls[k]):
                 yield (*batch, k)
 
 

@@ -389,24 +389,20 @@ def eval_pipeline(
     batch_size: int,
     with_bytes: bool = False,
     device: torch.device | str = "cpu",
+    split_by_worker: bool = True,
 ) -> wds.DataPipeline:
-    """Every sample of `urls` once, split by worker (not by rank): batches of
-    `(images, labels, keys)`, plus the encoded image bytes when `with_bytes`.
+    """Every sample of `urls` once, split by worker (not by rank) unless `split_by_worker` is
+    False (the caller gives each worker its own pipeline): batches of `(images, labels, keys)`,
+    plus the encoded image bytes when `with_bytes`.
 
     With one worker the order is shard order; with several, DataLoader interleaves the
     workers' batches, which is deterministic for a given worker count."""
     stages, per_batch = _transform_stages(
         transform, batch_size, partial=True, with_bytes=with_bytes
     )
+    split = [wds.split_by_worker] if split_by_worker else []
     return _with_normalization(
-        [
-            wds.SimpleShardList(list(urls)),
-            wds.split_by_worker,
-            read_tars,
-            *stages,
-        ],
-        per_batch,
-        device,
+        [wds.SimpleShardList(list(urls)), *split, read_tars, *stages], per_batch, device
     )
 
 
