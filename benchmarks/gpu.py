@@ -26,10 +26,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 from common import digits_train_shards, stage1_config
 
 from ecvl.augment import standard_view_transform
+from ecvl.data.batch_augment import batch_augment_for
 from ecvl.data.image_store import ImageStore, ImageStoreWriter
 from ecvl.data.reader import eval_pipeline, iter_samples, make_loader, take, train_pipeline
 from ecvl.data.shards import load_manifest
@@ -101,9 +103,19 @@ def stage1_figures(bundle, manifest, device, precision, args) -> dict:
     def bare() -> float:
         return trainer.train_epoch([(images, labels, keys)] * args.steps, False).images_per_s
 
+    preprocess = open_clip.get_model_preprocess_cfg(bundle.model)
+    augment = batch_augment_for("open_clip", bundle.train_transform, preprocess)  # the preset's
+
     def stage() -> float:
         pipe = train_pipeline(
-            urls, bundle.train_transform, args.batch_size, 0, trainer.epoch + 1, 1000, device
+            urls,
+            bundle.train_transform,
+            args.batch_size,
+            0,
+            trainer.epoch + 1,
+            1000,
+            device,
+            augment,  # crops drawn in the workers, pixels moved on the GPU
         )
         batches = take(make_loader(pipe, args.workers, device), args.steps)
         return trainer.train_epoch(batches, False).images_per_s

@@ -290,7 +290,7 @@ def _collate_images(chunk: list[dict]) -> tuple[torch.Tensor | list, torch.Tenso
     items, hw = [], []
     for s in chunk:
         if isinstance(s["image"], np.ndarray):
-            items.append(torch.from_numpy(np.ascontiguousarray(s["image"])).permute(2, 0, 1))
+            items.append(torch.from_numpy(np.array(s["image"])).permute(2, 0, 1))
             hw.append(s["image"].shape[:2])
         else:  # JPEG bytes for the device decoder; the header gives the size
             items.append(torch.frombuffer(bytearray(s["image"]), dtype=torch.uint8))

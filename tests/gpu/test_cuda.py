@@ -115,3 +115,63 @@ def test_losses_stay_float32_under_cuda_autocast():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         mixed = image_to_text_loss(img, txt, labels, 4.6)
     torch.testing.assert_close(plain, mixed, rtol=1e-5, atol=1e-5)
+
+
+def _batched_train_batch(urls, device, augment):
+    """The first batch of a batched-augmentation train pipeline, seeded; on the CPU."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    from ecvl.data.reader import make_loader, train_pipeline
+
+    transform = Compose([ToTensor(), Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))])
+    torch.manual_seed(0)  # the crops are drawn on the CPU, before any transfer
+    pipe = train_pipeline(urls, transform, 8, 0, 1, 1, device=device, augment=augment)
+    images, labels, keys = next(iter(make_loader(pipe, 0, device)))
+    assert images.device.type == torch.device(device).type
+    return images.float().cpu(), keys
+
+
+@pytest.mark.parametrize("kind", ["pad_crop", "resized_crop"])
+def test_batched_augmentation_on_cuda_matches_the_cpu_on_raw_and_jpeg_members(
+    tmp_path, monkeypatch, kind
+):
+    """Raw members: pixels moved on the GPU within the stated tolerance of the CPU (1 level).
+    JPEG members: decoded on the GPU (nvJPEG), within 2 levels on average of PIL's decode."""
+    import torchvision.io
+    from PIL import Image
+
+    from ecvl.data.batch_augment import BatchAugment
+    from ecvl.data.shards import write_split_shards
+    from ecvl.data.sources import Split
+    from support import make_images
+
+    augment = BatchAugment(kind, 32, scale=(0.5, 1.0), pad=4, flip=True, antialias=True)
+    level = 1 / 255 / 0.25  # one uint8 level after this normalisation
+    raw = Split([f"r{i:02d}" for i in range(8)], np.arange(8) % 2, images=make_images(8, 32))
+    write_split_shards(raw, "raw", ("a", "b"), tmp_path, 8, 0.0, encoding="raw", progress=False)
+    paths = []
+    for i, pixels in enumerate(make_images(8, 48, seed=1)):
+        rows = np.linspace(0, 255, 48 * 48 * 3).reshape(48, 48, 3).astype(np.uint8)
+        smooth = ((pixels.astype(np.int32) // 8 + rows) % 256).astype(np.uint8)  # JPEG-friendly
+        paths.append(tmp_path / f"j{i:02d}.jpg")
+        Image.fromarray(smooth).save(paths[-1], quality=95)
+    jpeg = Split([p.stem for p in paths], np.arange(8) % 2, paths=paths)
+    write_split_shards(jpeg, "jpeg", ("a", "b"), tmp_path, 8, 0.0, encoding="png", progress=False)
+
+    raw_cpu, keys_cpu = _batched_train_batch([str(tmp_path / "raw-000000.tar")], "cpu", augment)
+    raw_gpu, keys_gpu = _batched_train_batch([str(tmp_path / "raw-000000.tar")], "cuda", augment)
+    assert keys_cpu == keys_gpu
+    assert (raw_cpu - raw_gpu).abs().max() <= level * 1.01
+
+    calls = []
+    original = torchvision.io.decode_jpeg
+
+    def spy(data, *args, **kwargs):
+        calls.append(kwargs.get("device"))
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", spy)
+    jpg_cpu, _ = _batched_train_batch([str(tmp_path / "jpeg-000000.tar")], "cpu", augment)
+    jpg_gpu, _ = _batched_train_batch([str(tmp_path / "jpeg-000000.tar")], "cuda", augment)
+    assert calls and all(torch.device(d).type == "cuda" for d in calls)
+    assert (jpg_cpu - jpg_gpu).abs().mean() <= 2 * level
