@@ -176,27 +176,35 @@ def npz_params(d: Path, labels, classes, **shard) -> Path:
     )
 
 
-def rewrite_shard(path: Path, edit: Callable[[str, bytes], bytes]) -> None:
-    """Rewrite a tar with `edit(member_name, data)` applied to every member (same names)."""
+def rewrite_shard(path: Path, edit: Callable[[str, bytes], tuple[str, bytes]]) -> None:
+    """Rewrite a tar with `edit(member_name, data) -> (name, data)` applied to every member."""
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
     with tarfile.open(path, "w") as tar:
         for m, data in members:
-            data = edit(m.name, data)
+            m.name, data = edit(m.name, data)
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
 
 
-def first_png_as(fmt: str) -> Callable[[str, bytes], bytes]:
+def first_image_as(ext: str, payload: bytes) -> Callable[[str, bytes], tuple[str, bytes]]:
+    """The first sample's image member replaced by `payload`, named `.<ext>`."""
     done = []
 
-    def edit(name: str, data: bytes) -> bytes:
-        if name.endswith(".png") and not done:
+    def edit(name: str, data: bytes) -> tuple[str, bytes]:
+        stem, _, suffix = name.partition(".")
+        if suffix in ("npy", "png") and not done:
             done.append(name)
-            return png_bytes(0, fmt)
-        return data
+            return f"{stem}.{ext}", payload
+        return name, data
 
     return edit
+
+
+def object_npy() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    return buf.getvalue()
 
 
 def truncate_half(path: Path) -> None:
@@ -402,6 +410,12 @@ CASES: list[Case] = [
         "a misspelt key",
         lambda p: p["shard"].update(imbalance_factr=10),
         "params.yaml: shard.imbalance_factr: unknown key (did you mean 'imbalance_factor'?)",
+    ),
+    param_case(
+        "shard-encoding",
+        "an image encoding ECVL does not write",
+        lambda p: p["shard"].update(encoding="jpeg"),
+        "params.yaml: shard.encoding: must be one of 'auto', 'png', 'raw', got 'jpeg'",
     ),
     param_case(
         "unknown-section",
@@ -665,7 +679,21 @@ CASES: list[Case] = [
         "stage1: sample 'digits_01258' in data/shards/train-000000.tar: cannot decode (not a "
         "readable PNG image (starts with b'GIF87a\\x0c\\x00'))",
         stage1_on_edited_shards(
-            lambda s: rewrite_shard(s / "train-000000.tar", first_png_as("GIF"))
+            lambda s: rewrite_shard(
+                s / "train-000000.tar", first_image_as("png", png_bytes(0, "GIF"))
+            )
+        ),
+        upstream=True,
+    ),
+    Case(
+        "shard-member-npy-object",
+        "a shard's `.npy` member holding a pickled object array",
+        "stage1",
+        1,
+        "stage1: sample 'digits_01258' in data/shards/train-000000.tar: cannot decode (.npy "
+        "array has dtype object, expected uint8)",
+        stage1_on_edited_shards(
+            lambda s: rewrite_shard(s / "train-000000.tar", first_image_as("npy", object_npy()))
         ),
         upstream=True,
     ),
