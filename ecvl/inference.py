@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from webdataset.tariterators import base_plus_ext
 
 from ecvl.data.batch_norm import split_normalize
-from ecvl.data.reader import decode_image, is_image_member
+from ecvl.data.reader import decode_image, is_image_member, is_shard_image_member
 from ecvl.errors import DataError
 from ecvl.precision import autocast
 
@@ -110,7 +110,7 @@ def _tar_members(path: Path) -> tuple[list[ImageInput], list[str]]:
                     continue
                 if not samples or samples[-1][0] != key:
                     samples.append((key, []))
-                if is_image_member(suffix):
+                if is_shard_image_member(suffix):  # raw `.npy` pixels too: ECVL's shards
                     samples[-1][1].append(info)
     except (OSError, tarfile.TarError) as e:
         raise DataError(f"{path}: not a readable (uncompressed) tar: {e}") from None

@@ -64,6 +64,12 @@ def is_image_member(suffix: str) -> bool:
     return suffix.lower() in _IMAGE_EXTS
 
 
+def is_shard_image_member(suffix: str) -> bool:
+    """Whether a shard member with this suffix is an image on the allow-list: an image file's
+    format (`is_image_member`) or raw `.npy` pixels."""
+    return suffix.lower() in _MEMBER_EXTS
+
+
 def decode_pixels(data: bytes, where: str, ext: str) -> np.ndarray:
     """An allow-listed image member's bytes as H×W×3 uint8 pixels: `.npy` read as an array
     (never unpickled), other formats decoded only as the format `ext` names (by content,
@@ -114,7 +120,7 @@ def decode_sample(sample: dict, image: str = "pil") -> dict:
     """
     key, url = sample.get("__key__"), sample.get("__url__")
     where = f"sample {key!r} in {url}"
-    images = [k for k in sample if k not in _META_KEYS and k.lower() in _MEMBER_EXTS]
+    images = [k for k in sample if k not in _META_KEYS and is_shard_image_member(k)]
     if len(images) != 1:
         raise DataError(f"{where}: expected one image member, found {sorted(images) or 'none'}")
     if "cls" not in sample:
@@ -458,6 +464,7 @@ __all__ = [
     "rank_shards",
     "eval_pipeline",
     "is_image_member",
+    "is_shard_image_member",
     "iter_samples",
     "make_loader",
     "take",

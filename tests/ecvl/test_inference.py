@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ecvl.data.batch_norm import split_normalize
+from ecvl.data.pixels import encode_npy
+from ecvl.data.reader import decode_image
 from ecvl.errors import DataError
 from ecvl.inference import ImageInput, collect_inputs, make_predict_loader
 from ecvl.models.clip import create_model
@@ -59,6 +62,7 @@ def test_list_file_paths_are_relative_to_the_list(tmp_path):
 
 def test_tar_members_grouped_as_webdataset_and_read_through_the_allow_list(tmp_path):
     a, b = _png(1), _png(2)
+    raw = encode_npy(np.full((4, 5, 3), 7, np.uint8))
     shard = _tar(
         tmp_path / "shard.tar",
         [
@@ -70,11 +74,18 @@ def test_tar_members_grouped_as_webdataset_and_read_through_the_allow_list(tmp_p
             ("s3.json", b"{}"),
             ("s4.png", a),
             ("s4.webp", b),
+            ("s5.npy", raw),  # ECVL's raw pixel members
         ],
     )
     items, failed = collect_inputs([shard])
-    assert [(i.path, i.key) for i in items] == [(str(shard), "s1"), (str(shard), "dir/s2")]
-    assert [i.read() for i in items] == [a, b]
+    assert [(i.path, i.key) for i in items] == [
+        (str(shard), "s1"),
+        (str(shard), "dir/s2"),
+        (str(shard), "s5"),
+    ]
+    assert [i.read() for i in items] == [a, b, raw]
+    pixels = np.asarray(decode_image(raw, items[2].where, items[2].extension))
+    assert np.array_equal(pixels, np.full((4, 5, 3), 7, np.uint8))
     assert items[1].where == f"{shard}:dir/s2"
     assert failed == [
         f"{shard}:s3: expected one image member, found none",
