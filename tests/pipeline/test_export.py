@@ -308,7 +308,7 @@ def _garble_first_image(shard: Path) -> None:
     garbled = False
     with tarfile.open(shard, "w") as tar:
         for member, data in members:
-            if not garbled and member.name.endswith(".png"):
+            if not garbled and member.name.endswith((".png", ".npy")):
                 data, garbled = data[:8] + b"\0" * (len(data) - 8), True
             tar.addfile(member, io.BytesIO(data) if data is not None else None)
     assert garbled
