@@ -68,7 +68,7 @@ def digits_train_shards(
         root,
         maxcount,
         max_bad_fraction=0.0,
-        encoding="png",
+        encoding=encoding,
         progress=False,
     )
     write_manifest(

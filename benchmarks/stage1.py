@@ -166,7 +166,7 @@ def measure(model: str, augment: str, args: argparse.Namespace) -> dict:
             draw the crops): the pixels then move on the GPU."""
             reads = max(steps, 40 * args.batch_size // batch_size)
             device = "cuda" if gpu_worker else "cpu"  # a pipeline for CUDA runs on any host
-            pipe = train_pipeline(shards, transform, batch_size, 0, 99, 1000, device, batched)
+            pipe = train_pipeline(shards, transform, batch_size, 0, 99, 1000, device, augment)
             batches = iter(pipe) if gpu_worker else make_loader(pipe, 0)
             return data_alone_images_per_s(take(batches, reads), reads * batch_size)
 
