@@ -118,7 +118,9 @@ def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--workers", type=int, default=0, help="data workers (0: in-process, the CPU presets)"
+    )
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--tiny-images", type=int, default=1536)
     ap.add_argument("--rn50-images", type=int, default=128, help="0 skips the RN50 figure")

@@ -70,7 +70,9 @@ def main() -> None:
     ap.add_argument("--large-steps", type=int, default=2, help="models above 64 px")
     ap.add_argument("--large-pairs", type=int, default=2, help="models above 64 px")
     ap.add_argument("--pairs", type=int, default=5, help="A/B pairs")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument(
+        "--workers", type=int, default=0, help="data workers (0: in-process, the CPU presets)"
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/stage1.json"))
     args = ap.parse_args()
     presets = preset_models()

@@ -350,7 +350,7 @@ def check_shard_count(num_shards: int, world_size: int, num_workers: int) -> int
             f"{num_shards} shard(s) for {world_size} ranks: every rank needs one "
             "(write smaller shards: lower `shard.maxcount`)"
         )
-    usable = max(1, min(num_workers, num_shards // world_size))
+    usable = min(num_workers, max(1, num_shards // world_size))  # 0: read in-process
     if usable < num_workers and (num_shards, world_size, num_workers) not in _REPORTED:
         _REPORTED.add((num_shards, world_size, num_workers))  # once per process, not per epoch
         log.info(

@@ -228,6 +228,7 @@ def test_train_pipeline_is_seeded_per_epoch(tmp_path):
 
 def test_check_shard_count():
     assert check_shard_count(4, 2, 8) == 2
+    assert check_shard_count(4, 2, 0) == 0  # `base.num_workers: 0` reads in the process
     with pytest.raises(DataError, match="1 shard\\(s\\) for 2 ranks"):
         check_shard_count(1, 2, 1)
 
