@@ -320,7 +320,13 @@ class _AugmentOnDevice:
     def __call__(self, batch: tuple, device: torch.device) -> tuple:
         images, labels, keys, plan = batch
         if isinstance(images, list):
-            images = _device_images(images, device)
+            try:
+                images = _device_images(images, device)
+            except RuntimeError as e:  # nvJPEG on a member whose header PIL accepted
+                raise DataError(
+                    f"cannot decode a JPEG member of samples {keys[0]!r}..{keys[-1]!r} on "
+                    f"{device} ({e})"
+                ) from None
         else:
             images = images.to(device, non_blocking=True)
         return self.normalize(self.augment.apply(images, plan)), labels, keys
