@@ -29,7 +29,7 @@ class BaseParams:
 
     seed: int = field(default=0, metadata=bounds(ge=0, le=2**32 - 1))
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    num_workers: int = field(default=2, metadata=bounds(ge=0, le=256))
+    num_workers: int = field(default=0, metadata=bounds(ge=0, le=256))
     progress: bool = True
 
     def check(self, where: str) -> None:

@@ -16,8 +16,7 @@ import os, sys, types
 from pipeline import cli
 from pipeline.params import load_params
 params = load_params(sys.argv[2])
-if sys.argv[3] == "0":
-    params.base.__dict__["num_workers"] = 0
+params.base.__dict__["num_workers"] = int(sys.argv[3])
 report = lambda p: print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)
 stub = types.SimpleNamespace(run=report)
 cli.importlib = types.SimpleNamespace(import_module=lambda name: stub)
