@@ -122,18 +122,16 @@ def _corrupt_list_source(tmp_path, n_good=9, n_bad=1):
     return ListSource(root=root, train=tmp_path / "train.txt").load().splits["train"]
 
 
+def _write_list(tmp_path, split, encoding="png"):
+    """A list source's split written with a 20 % allowance for unreadable images."""
+    return write_split_shards(
+        split, "train", ("x", "y"), tmp_path / "out", 1000, 0.2, encoding=encoding, progress=False
+    )
+
+
 def test_corrupt_image_is_skipped_and_listed(tmp_path):
     split = _corrupt_list_source(tmp_path)
-    res = write_split_shards(
-        split,
-        "train",
-        ("x", "y"),
-        tmp_path / "out",
-        1000,
-        max_bad_fraction=0.2,
-        encoding="png",
-        progress=False,
-    )
+    res = _write_list(tmp_path, split)
     assert res.count == 9 and len(res.bad) == 1
     assert res.bad[0]["key"] == "bad0" and "not a readable JPEG image" in res.bad[0]["error"]
     assert res.bad[0]["source"].endswith("bad0.jpg")  # the file, for the user to find
@@ -145,16 +143,7 @@ def test_too_many_corrupt_images_fail(tmp_path):
         DataError,
         match=r"train: 2 of 5 images are unreadable .*first: \S+/bad0\.jpg: not a readable JPEG",
     ):
-        write_split_shards(
-            split,
-            "train",
-            ("x", "y"),
-            tmp_path / "out",
-            1000,
-            max_bad_fraction=0.2,
-            encoding="png",
-            progress=False,
-        )
+        _write_list(tmp_path, split)
 
 
 class _Evil:
