@@ -48,6 +48,7 @@ def stage1_config(**overrides) -> Stage1Config:
         "precision": "fp32",
         "text_batch_size": None,
         "logit_offset": None,
+        "label_smoothing": 0.0,
     }
     return Stage1Config(**{**base, **overrides})
 

@@ -46,6 +46,7 @@ def image_to_text_loss(
     logit_scale: torch.Tensor | float,
     reduction: Reduction = "mean",
     logit_offset: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Eq. 4: cross-entropy of `exp(logit_scale) * v_i . u_c` over all K classes.
 
@@ -57,6 +58,8 @@ def image_to_text_loss(
         reduction: "mean" over the batch, or "none" for the (B,) per-sample losses.
         logit_offset: (K,) added to the logits (training-time logit adjustment, see
             `logit_adjustment`); None adds nothing.
+        label_smoothing: mass spread uniformly over the K classes (Szegedy et al. 2016), a
+            regulariser for a small model that memorises its few images; 0 = eq. 4.
 
     Returns:
         A scalar, or (B,) with `reduction="none"`.
@@ -65,7 +68,9 @@ def image_to_text_loss(
     logits = _scale(logit_scale) * (image_features.float() @ text_features.float().T)
     if logit_offset is not None:
         logits = logits + logit_offset.float()
-    return F.cross_entropy(logits, labels, reduction=_check_reduction(reduction))
+    return F.cross_entropy(
+        logits, labels, reduction=_check_reduction(reduction), label_smoothing=label_smoothing
+    )
 
 
 def logit_adjustment(class_counts: Sequence[int], tau: float) -> torch.Tensor:
@@ -129,6 +134,7 @@ def stage1_loss(
     w_i2t: float = 1.0,
     w_t2i: float = 1.0,
     logit_offset: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Stage-I loss `w_i2t * L_i2t + w_t2i * L_t2i` (`w_t2i = 0` gives eq. 4 alone).
 
@@ -140,12 +146,18 @@ def stage1_loss(
         w_i2t: weight of the image->text term.
         w_t2i: weight of the text->image term; with 0 it is reported but gets no gradient.
         logit_offset: (K,) logit adjustment of the image->text term (None: none).
+        label_smoothing: label smoothing of the image->text term (0: none).
 
     Returns:
         The total loss and its detached parts `{"i2t": ..., "t2i": ...}` (for logging).
     """
     i2t = image_to_text_loss(
-        image_features, text_features, labels, logit_scale, logit_offset=logit_offset
+        image_features,
+        text_features,
+        labels,
+        logit_scale,
+        logit_offset=logit_offset,
+        label_smoothing=label_smoothing,
     )
     # With w_t2i = 0 the term is still reported, but kept out of the graph.
     with torch.set_grad_enabled(torch.is_grad_enabled() and w_t2i != 0):

@@ -42,6 +42,7 @@ class Stage1Config:
     precision: str  # resolved: fp32 | bf16 | fp16
     text_batch_size: int | None  # prompts per checkpointed text-tower call; None = all
     logit_offset: tuple[float, ...] | None  # (K,) of `ecvl.losses.logit_adjustment`; None = none
+    label_smoothing: float  # of the image->text term; 0 = none
 
     @property
     def total_steps(self) -> int:
@@ -216,6 +217,7 @@ class Stage1Trainer:
                     cfg.w_i2t,
                     cfg.w_t2i,
                     logit_offset=self.logit_offset,
+                    label_smoothing=cfg.label_smoothing,
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()

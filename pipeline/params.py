@@ -183,6 +183,7 @@ class Stage1Params:
     text_batch_size: int | None = field(default=None, metadata=bounds(ge=1, le=_BATCH_MAX))
     augment: Literal[TRAIN_AUGMENTS] = "open_clip"
     logit_adjust: float = field(default=0.0, metadata=bounds(ge=0, le=10))
+    label_smoothing: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
 
     def check(self, where: str) -> None:
         if self.w_i2t + self.w_t2i == 0:

@@ -82,6 +82,7 @@ def _train(params: Params, world, device: torch.device) -> None:
             if p.logit_adjust
             else None
         ),
+        label_smoothing=p.label_smoothing,
     )
     trainer = Stage1Trainer(bundle.model, tokens, config, device, ddp=world.distributed)
     run_id = fingerprint(

@@ -86,6 +86,23 @@ def test_logit_adjustment_is_tau_log_prior_and_shifts_the_logits(batch):
     assert parts["i2t"].item() == pytest.approx(adjusted.mean().item(), abs=1e-6)
 
 
+def test_label_smoothing_mixes_in_the_mean_loss_over_all_classes(batch):
+    image, text, labels, scale = batch
+    # By hand: (1 - eps) * eq. 4 + eps * mean over the K = 3 classes of logsumexp - logit_c.
+    rows = [[1.6, 1.2, 0.0], [1.2, 1.6, 0.0], [0.0, 1.2, 1.6], [2.0, 0.0, 0.0]]
+    eps = 0.3
+    by_hand = [
+        (1 - eps) * (_lse(row) - row[y]) + eps * sum(_lse(row) - z for z in row) / 3
+        for row, y in zip(rows, LABELS, strict=True)
+    ]
+    smoothed = image_to_text_loss(image, text, labels, scale, reduction="none", label_smoothing=eps)
+    assert smoothed.tolist() == pytest.approx(by_hand, abs=1e-6)
+    total, parts = stage1_loss(image, text, labels, scale, label_smoothing=eps)
+    assert parts["i2t"].item() == pytest.approx(sum(by_hand) / 4, abs=1e-6)
+    # It only touches the image->text term.
+    assert parts["t2i"].item() == pytest.approx(T2I_BY_HAND, abs=1e-6)
+
+
 @pytest.mark.parametrize("counts, tau", [([3, 0, 1], 1.0), ([], 1.0), ([3, 1], -0.5)])
 def test_logit_adjustment_refuses_empty_classes_and_negative_tau(counts, tau):
     with pytest.raises(ValueError):

@@ -87,6 +87,7 @@ def test_checkpoint_holds_no_rng_of_other_gpus_and_resumes_without_scaler(tiny):
         precision="fp32",
         text_batch_size=None,
         logit_offset=None,
+        label_smoothing=0.0,
     )
     trainer = Stage1Trainer(bundle.model, tokens, config, torch.device("cpu"))
     state = trainer.state_dict()
