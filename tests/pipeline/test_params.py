@@ -55,6 +55,10 @@ def _edit(path, fn):
             "shard.source.size: unknown key",
         ),
         (lambda d: d["shard"].update(few_below=500), "shard.few_below: must be <= many_above + 1"),
+        (
+            lambda d: d.setdefault("stage1", {}).update(label_smoothing=1.0),
+            "stage1.label_smoothing: must be < 1, got 1.0",
+        ),
     ],
 )
 def test_bad_params_exit_2_with_one_line(tmp_path, edit, message):
