@@ -173,6 +173,8 @@ def two_view_contrastive_loss(
     temperature: float = 0.1,
     reduction: Reduction = "mean",
     ids: torch.Tensor | None = None,
+    negatives: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 11: NT-Xent (SimCLR) InfoNCE between two views of each of B samples.
 
@@ -186,12 +188,20 @@ def two_view_contrastive_loss(
     drawn more than once in the batch (same id) are left out of each other's negatives: a
     sample is never its own negative.
 
+    With `negatives`, the anchors are scored against those views instead of each other: the
+    denominator of `l(z1_i, z2_i)` holds the positive and every row of `negatives` whose
+    `negative_ids` entry differs from `ids[i]`. Stage II's measurement pass uses this so that
+    every sample meets negatives drawn as a training batch draws them, whatever the other
+    anchors of its batch are.
+
     Args:
         z1: (B, d) first views.
         z2: (B, d) second views, row i the same sample as in `z1`.
         temperature: softmax temperature `tau_dcvl` (> 0).
         reduction: "mean", or "none" for the (B,) per-sample losses (for the momentum EMA).
-        ids: optional (B,) sample index of each row.
+        ids: optional (B,) sample index of each row; required with `negatives`.
+        negatives: optional (M, d) negative views shared by every anchor.
+        negative_ids: (M,) sample index of each negative view (with `negatives`).
 
     Returns:
         A scalar, or (B,) with `reduction="none"`.
@@ -202,14 +212,17 @@ def two_view_contrastive_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     reduction = _check_reduction(reduction)
     b = z1.shape[0]
+    if ids is not None and ids.shape != (b,):
+        raise ValueError(f"ids must have shape ({b},), got {tuple(ids.shape)}")
+    if negatives is not None:
+        per_sample = _against_negatives(z1, z2, temperature, ids, negatives, negative_ids)
+        return per_sample.mean() if reduction == "mean" else per_sample
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     sim = (z @ z.T) / temperature
     index = torch.arange(b, device=z.device)
     targets = torch.cat([index + b, index])
     self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
     if ids is not None:
-        if ids.shape != (b,):
-            raise ValueError(f"ids must have shape ({b},), got {tuple(ids.shape)}")
         both = ids.to(z.device).repeat(2)
         same = both[:, None] == both[None, :]
         same[torch.arange(2 * b, device=z.device), targets] = False  # keep the positive
@@ -218,6 +231,37 @@ def two_view_contrastive_loss(
     per_anchor = F.cross_entropy(sim, targets, reduction="none")
     per_sample = 0.5 * (per_anchor[:b] + per_anchor[b:])
     return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def _against_negatives(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    ids: torch.Tensor | None,
+    negatives: torch.Tensor,
+    negative_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-sample eq. 11 with a shared set of negative views (see the caller)."""
+    b, d = z1.shape
+    if ids is None or negative_ids is None:
+        raise ValueError("negatives need ids and negative_ids (a sample is never its own negative)")
+    if negatives.dim() != 2 or negatives.shape[1] != d:
+        raise ValueError(f"negatives must be (M, {d}), got {tuple(negatives.shape)}")
+    if negative_ids.shape != (negatives.shape[0],):
+        raise ValueError(
+            f"negative_ids must have shape ({negatives.shape[0]},), got {tuple(negative_ids.shape)}"
+        )
+    a1, a2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    neg = F.normalize(negatives.float().to(a1.device), dim=1)
+    own = ids.to(a1.device)[:, None] == negative_ids.to(a1.device)[None, :]
+    positive = (a1 * a2).sum(dim=1, keepdim=True) / temperature
+    losses = []
+    for anchor in (a1, a2):
+        logits = torch.cat(
+            [positive, (anchor @ neg.T / temperature).masked_fill(own, -torch.inf)], 1
+        )
+        losses.append(torch.logsumexp(logits, dim=1) - positive[:, 0])
+    return 0.5 * (losses[0] + losses[1])
 
 
 def _scale(logit_scale: torch.Tensor | float) -> torch.Tensor | float:

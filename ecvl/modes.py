@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-__all__ = ["MODES", "MOMENTUM_LOSSES", "ModeSpec"]
+__all__ = ["MEASURE_VIEWS", "MODES", "MOMENTUM_LOSSES", "ModeSpec"]
 
 MOMENTUM_LOSSES = ("contrastive", "total")
+# Which views the measurement pass scores: the bank's base views, or the views the sample
+# would train on (base view + its eq.-10 RandAugment plan, re-encoded as training does).
+MEASURE_VIEWS = ("base", "augmented")
 
 
 @dataclasses.dataclass(frozen=True)

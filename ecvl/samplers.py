@@ -35,8 +35,10 @@ def _as_labels(labels: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)]))
+def _epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
+    # stream 0 is the plain (seed, epoch) sequence: the training order
+    entropy = [int(seed), int(epoch)] + ([int(stream)] if stream else [])
+    return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
 class _EpochSampler(Sampler[int]):
@@ -49,6 +51,7 @@ class _EpochSampler(Sampler[int]):
         seed: int = 0,
         epoch: int = 0,
         num_classes: int | None = None,
+        stream: int = 0,
     ) -> None:
         self.labels = _as_labels(labels)
         top = int(self.labels.max())
@@ -64,6 +67,7 @@ class _EpochSampler(Sampler[int]):
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.epoch = int(epoch)
+        self.stream = int(stream)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose draws `indices()` and iteration return."""
@@ -94,6 +98,9 @@ class ClassBalancedSampler(_EpochSampler):
         seed: base seed; the epoch's draws use the seed sequence `(seed, epoch)`.
         epoch: initial epoch (see `set_epoch`).
         num_classes: K (default `max(labels) + 1`); every class must have a sample.
+        stream: a non-zero value draws from the seed sequence `(seed, epoch, stream)`
+            instead: a second, independent sequence of draws under the same law (stage II's
+            measurement pass takes its negatives from one).
 
     Raises:
         DataError: labels not a non-empty 1-D array of non-negative integers, a label
@@ -107,8 +114,9 @@ class ClassBalancedSampler(_EpochSampler):
         seed: int = 0,
         epoch: int = 0,
         num_classes: int | None = None,
+        stream: int = 0,
     ) -> None:
-        super().__init__(labels, num_samples, seed, epoch, num_classes)
+        super().__init__(labels, num_samples, seed, epoch, num_classes, stream)
         counts = np.bincount(self.labels, minlength=self.num_classes)
         empty = np.flatnonzero(counts == 0)
         if empty.size:
@@ -121,7 +129,7 @@ class ClassBalancedSampler(_EpochSampler):
         self._members = np.split(order, np.cumsum(counts)[:-1])
 
     def indices(self) -> np.ndarray:
-        rng = _epoch_rng(self.seed, self.epoch)
+        rng = _epoch_rng(self.seed, self.epoch, self.stream)
         classes = rng.integers(self.num_classes, size=self.num_samples)
         draws = np.bincount(classes, minlength=self.num_classes)
         # Draw positions grouped by class, in draw order: class c fills slots[start:start+d].
@@ -147,7 +155,7 @@ class InstanceSampler(_EpochSampler):
     """
 
     def indices(self) -> np.ndarray:
-        rng = _epoch_rng(self.seed, self.epoch)
+        rng = _epoch_rng(self.seed, self.epoch, self.stream)
         n = len(self.labels)
         perms = -(-self.num_samples // n)
         return np.concatenate([rng.permutation(n) for _ in range(perms)])[: self.num_samples]
@@ -167,12 +175,14 @@ def build_sampler(
     seed: int = 0,
     epoch: int = 0,
     num_classes: int | None = None,
+    stream: int = 0,
 ) -> Sampler[int]:
     """Sampler registered under `name` ("balanced" or "instance").
 
     Args:
         name: registry key, see `SAMPLERS`.
-        labels, num_samples, seed, epoch, num_classes: as for `ClassBalancedSampler`.
+        labels, num_samples, seed, epoch, num_classes, stream: as for
+            `ClassBalancedSampler`.
 
     Returns:
         The sampler; call `set_epoch(e)` at the start of each epoch.
@@ -185,7 +195,14 @@ def build_sampler(
         cls = SAMPLERS[name]
     except KeyError:
         raise KeyError(f"unknown sampler {name!r} (known: {', '.join(sorted(SAMPLERS))})") from None
-    return cls(labels, num_samples=num_samples, seed=seed, epoch=epoch, num_classes=num_classes)
+    return cls(
+        labels,
+        num_samples=num_samples,
+        seed=seed,
+        epoch=epoch,
+        num_classes=num_classes,
+        stream=stream,
+    )
 
 
 __all__ = ["SAMPLERS", "ClassBalancedSampler", "InstanceSampler", "build_sampler"]

@@ -21,11 +21,15 @@ does is its `ModeSpec` in `MODES` (the rows of the paper's Table 5, nested, and 
     augmentation strength, no per-sample signal).
 
 The score every sample earns every epoch (DESIGN.md §1, "Momentum loss"): after each epoch's
-training, one pass over all N train samples (no gradient, two bank views each, no RandAugment,
-batches of `batch_size` in a seeded order) measures each sample's contrastive loss (the mean
-over its two views; ``momentum_loss="total"`` adds the classification loss), and eq. 8 folds it
-into every sample's EMA. Draw counts under balanced sampling differ by orders of magnitude
-between Many and Few samples, so losses seen during training are not comparable; this pass is.
+training, one pass over all N train samples (no gradient, two bank views each, batches of
+`batch_size` anchors in a seeded order) measures each sample's contrastive loss (the mean over
+its two views; ``momentum_loss="total"`` adds the classification loss) against the views of
+`batch_size` fresh draws of the training sampler, and eq. 8 folds it into every sample's EMA.
+Draw counts under balanced sampling differ by orders of magnitude between Many and Few
+samples, so losses seen during training are not comparable; this pass is. Its negatives follow
+the training sampler's law, so a Many-class anchor does not meet more same-class negatives than
+a Few-class one. ``measure_views="augmented"`` scores the views the sample would train on (its
+eq.-10 plan, re-encoded) instead of plain base views.
 
 Mixed precision concerns the frozen encoder only (`SelectiveEncoder(precision=...)`); the
 adapter is one d×d layer and trains in fp32, so it needs no autocast and no grad scaler.
@@ -60,7 +64,7 @@ from ecvl.metrics import spearman
 from ecvl.models.adapter import ResidualAdapter
 from ecvl.models.heads import class_logits
 from ecvl.models.linear_probe import LinearProbe
-from ecvl.modes import MODES, MOMENTUM_LOSSES, ModeSpec
+from ecvl.modes import MEASURE_VIEWS, MODES, MOMENTUM_LOSSES, ModeSpec
 from ecvl.momentum import MomentumTracker
 from ecvl.reencode import SelectiveEncoder, ViewRequest
 from ecvl.samplers import SAMPLERS, build_sampler
@@ -69,6 +73,7 @@ from ecvl.stage1 import cosine_with_warmup
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "MEASURE_VIEWS",
     "MODES",
     "MOMENTUM_LOSSES",
     "STATE_FORMAT",
@@ -80,8 +85,10 @@ __all__ = [
 
 STATE_FORMAT = "ecvl-stage2-trainer"
 # Distinct SeedSequence streams per (seed, epoch, step): view plans, pixel randomness, bank
-# entries of the training views, and the measurement pass's order and entries.
+# entries of the training views; the measurement pass's order and entries, its negative draws,
+# and (with augmented measurement views) its view plans and pixel randomness.
 _PLAN_STREAM, _PIXEL_STREAM, _ENTRY_STREAM, _MEASURE_STREAM = 1, 2, 3, 4
+_NEGATIVE_STREAM, _MEASURE_PLAN_STREAM, _MEASURE_PIXEL_STREAM = 5, 6, 7
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -111,6 +118,9 @@ class Stage2Config:
             measurement pass and a built head.
         momentum_loss: the loss the measurement pass tracks: "contrastive" (eq. 11 per sample,
             mean over its two views, as BCL) or "total" (+ the classification loss).
+        measure_views: the views the measurement pass scores: "base" (two bank views) or
+            "augmented" (the same bank views with the eq.-10 plans the sample would train on
+            this epoch, re-encoded; modes without augmentation measure base views either way).
     """
 
     epochs: int
@@ -129,6 +139,7 @@ class Stage2Config:
     mode: str
     seed: int
     momentum_loss: str = "contrastive"
+    measure_views: str = "base"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -141,6 +152,10 @@ class Stage2Config:
             raise ValueError(
                 f"unknown momentum_loss {self.momentum_loss!r} "
                 f"(known: {', '.join(MOMENTUM_LOSSES)})"
+            )
+        if self.measure_views not in MEASURE_VIEWS:
+            raise ValueError(
+                f"unknown measure_views {self.measure_views!r} (known: {', '.join(MEASURE_VIEWS)})"
             )
         if not math.isfinite(self.logit_scale):  # read from the stage-I model, not a param
             raise ValueError(f"logit_scale must be finite, got {self.logit_scale}")
@@ -237,6 +252,8 @@ class Stage2Trainer:
         self.train_labels = labels
         self._labels = torch.from_numpy(labels).to(self.device)
         self.class_counts = np.bincount(labels, minlength=self.num_classes)
+        order = np.argsort(labels, kind="stable")
+        self._class_members = np.split(order, np.cumsum(self.class_counts)[:-1])
 
         needed = self.spec.bank_views_needed
         have = 0 if encoder.bank is None else encoder.bank.num_views
@@ -272,12 +289,24 @@ class Stage2Trainer:
 
         self.draws_per_epoch = config.draws_per_epoch or encoder.num_samples
         self.steps_per_epoch = -(-self.draws_per_epoch // config.batch_size)
+        sampler = self.spec.sampler or config.sampler
         self.sampler = build_sampler(
-            self.spec.sampler or config.sampler,
+            sampler,
             labels,
             num_samples=self.draws_per_epoch,
             seed=config.seed,
             num_classes=self.num_classes,
+        )
+        # The measurement pass's negatives: batch_size draws of the same law per batch of
+        # anchors, from a stream of their own.
+        measure_batches = -(-encoder.num_samples // config.batch_size)
+        self._negatives = build_sampler(
+            sampler,
+            labels,
+            num_samples=measure_batches * config.batch_size,
+            seed=config.seed,
+            num_classes=self.num_classes,
+            stream=_NEGATIVE_STREAM,
         )
         decay = [p for p in self.head.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.head.parameters() if p.requires_grad and p.ndim < 2]
@@ -471,34 +500,73 @@ class Stage2Trainer:
 
     @torch.no_grad()
     def _measure(self, epoch: int) -> None:
-        """The measurement pass: every sample's loss on two bank views, folded into eq. 8."""
+        """The measurement pass: every sample's loss on two views, folded into eq. 8.
+
+        Anchors: a seeded permutation of all N samples in near-equal batches of at most
+        `batch_size`. Negatives: for each batch, both views of `batch_size` fresh draws of the
+        training sampler (`self._negatives`, class-balanced for the adapter modes), never the
+        anchor's own sample, so every anchor meets the negatives a training batch would show
+        it. Negatives from a uniform cut of all N samples would give a Many-class anchor about
+        a hundred times more same-class (hard) negatives than a Few-class one, and the score
+        would follow class size instead of how well the sample is learned.
+        """
         cfg, n = self.config, self.encoder.num_samples
         rng = np.random.default_rng([cfg.seed, epoch, _MEASURE_STREAM])
-        # near-equal batches of at most batch_size: no tiny last batch without negatives
+        # near-equal batches of at most batch_size: no tiny last batch
         batches = np.array_split(rng.permutation(n), -(-n // cfg.batch_size))
+        self._negatives.set_epoch(epoch)
+        negatives = [
+            self._other_than(
+                neg, idx, np.random.default_rng([cfg.seed, epoch, step, _NEGATIVE_STREAM])
+            )
+            for step, (idx, neg) in enumerate(
+                zip(batches, self._negatives.indices().reshape(len(batches), -1), strict=True)
+            )
+        ]
         num_views = self.encoder.bank.num_views
+        scores = self._augment_scores() if cfg.measure_views == "augmented" else None
 
         def requests() -> Iterator[ViewRequest]:
-            for step, idx in enumerate(batches):
+            for step, (idx, neg) in enumerate(zip(batches, negatives, strict=True)):
                 step_rng = np.random.default_rng([cfg.seed, epoch, step, _MEASURE_STREAM])
-                entries = _bank_entries(step_rng, idx.size, 2, num_views)
-                yield ViewRequest(np.tile(idx, 2), entries=entries)
+                # rows: anchors' first views, their second views, then the negatives' two
+                views = np.concatenate([idx, idx, neg, neg])
+                entries = np.concatenate(
+                    [
+                        _bank_entries(step_rng, idx.size, 2, num_views),
+                        _bank_entries(step_rng, neg.size, 2, num_views),
+                    ]
+                )
+                if scores is None:
+                    yield ViewRequest(views, entries=entries)
+                    continue
+                plan_rng = np.random.default_rng([cfg.seed, epoch, step, _MEASURE_PLAN_STREAM])
+                plans = plan_views(scores[views], cfg.k, plan_rng)
+                seed = (cfg.seed, epoch, step, _MEASURE_PIXEL_STREAM)
+                yield ViewRequest(views, plans, seed=seed, entries=entries)
 
         was_training = self.head.training
         self.head.eval()
         stream = self.encoder.encode_stream(requests())
         try:
             with contextlib.closing(stream):
-                for idx, (features, _) in zip(batches, stream, strict=True):
+                for idx, neg, (features, _) in zip(batches, negatives, stream, strict=True):
                     adapted = self.head(features.to(self.device))
                     b = idx.size
+                    ids = torch.from_numpy(idx)
                     loss = two_view_contrastive_loss(
-                        adapted[:b], adapted[b:], cfg.tau_dcvl, reduction="none"
+                        adapted[:b],
+                        adapted[b : 2 * b],
+                        cfg.tau_dcvl,
+                        reduction="none",
+                        ids=ids,
+                        negatives=adapted[2 * b :],
+                        negative_ids=torch.from_numpy(np.concatenate([neg, neg])),
                     )
                     if cfg.momentum_loss == "total":
-                        labels = self._labels[torch.from_numpy(idx).to(self._labels.device)]
+                        labels = self._labels[ids.to(self._labels.device)]
                         per_view = image_to_text_loss(
-                            F.normalize(adapted, dim=-1),
+                            F.normalize(adapted[: 2 * b], dim=-1),
                             self.text_features,
                             labels.repeat(2),
                             cfg.logit_scale,
@@ -509,6 +577,28 @@ class Stage2Trainer:
         finally:
             self.head.train(was_training)
         self.momentum.end_epoch()
+
+    def _other_than(
+        self, negatives: np.ndarray, anchors: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        """`negatives` with every draw that is one of `anchors` replaced by another sample of its
+        class (uniformly among those that are not anchors), where the class has one.
+
+        In a training batch the draws of one class are distinct samples (the balanced sampler
+        cycles through each class), so an anchor meets as many same-class negatives as any
+        other. Masking its own draw instead would take 1/n_c of them away: a Few-class anchor
+        would meet fewer hard negatives, and the score would again follow class size.
+        """
+        hits = np.flatnonzero(np.isin(negatives, anchors))
+        if not hits.size:
+            return negatives
+        out = negatives.copy()
+        for j in hits:
+            members = self._class_members[self.train_labels[negatives[j]]]
+            free = members[~np.isin(members, anchors)]
+            if free.size:  # else the loss masks it: a sample is never its own negative
+                out[j] = free[rng.integers(free.size)]
+        return out
 
     def _score_stats(self, lm: np.ndarray, m: np.ndarray) -> dict[str, float]:
         seen = ~np.isnan(lm)

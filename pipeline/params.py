@@ -19,7 +19,7 @@ from ecvl.augment import OP_NAMES
 from ecvl.data.pixels import ENCODINGS
 from ecvl.data.sources import SOURCES, default_prompt_templates
 from ecvl.data.transforms import TRAIN_AUGMENTS
-from ecvl.modes import MODES
+from ecvl.modes import MEASURE_VIEWS, MODES, MOMENTUM_LOSSES
 from pipeline.schema import ParamsError, bounds, build
 
 
@@ -209,7 +209,7 @@ class ExportParams:
     bank_views: int = field(default=8, metadata=bounds(ge=0, le=256))
 
 
-Stage2Mode = Literal["linear_probe", "ballad", "contrast_standard", "ecvl_uniform", "ecvl"]
+Stage2Mode = Literal[tuple(MODES)]
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,10 @@ class Stage2Params:
     draws_per_epoch: int | None = field(default=None, metadata=bounds(ge=1, le=_COUNT_MAX))
     # the loss the per-epoch measurement pass folds into eq. 8: contrastive (eq. 11, as BCL)
     # or total (+ classification)
-    momentum_loss: Literal["contrastive", "total"] = "contrastive"
+    momentum_loss: Literal[MOMENTUM_LOSSES] = "contrastive"
+    # the views that pass scores: base (two bank views) or augmented (the views the sample
+    # would train on: its eq.-10 plan on top, re-encoded)
+    measure_views: Literal[MEASURE_VIEWS] = "base"
     precision: Precision = "auto"
     encode_batch_size: int = field(default=256, metadata=bounds(ge=1, le=_BATCH_MAX))
     augment_workers: int = field(default=0, metadata=bounds(ge=0, le=256))

@@ -196,6 +196,7 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         mode=mode,
         seed=params.base.seed,
         momentum_loss=p.momentum_loss,
+        measure_views=p.measure_views,
     )
     encoder = SelectiveEncoder(
         train.features,

@@ -284,3 +284,99 @@ def test_linear_probe_learns_from_the_cache_alone(world):
     assert (pred.numpy() == world["labels"]).mean() == 1.0
     expected = trainer.head(torch.from_numpy(cached).float()).argmax(1)
     assert torch.equal(pred, expected)  # ranked by its own logits, not by the text features
+
+
+class _NoPixels:
+    """An image store for caches alone: the bank modes measured on base views never read one."""
+
+    labels = None
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get_many_bytes(self, indices):
+        raise AssertionError("base views are bank rows: no image may be read")
+
+
+def _cluster_spearman(sampler: str) -> float:
+    """Spearman(class-mean measured loss, class size) on features where every class is an
+    equally tight cluster (every sample equally easy), class sizes 500 down to 5 over 100
+    classes (CIFAR-100-LT's profile), the adapter the identity (lambda = 0)."""
+    from ecvl.metrics import spearman
+
+    rng = np.random.default_rng(0)
+    k, d, e = 100, 32, 4
+    counts = np.floor(500 * (5 / 500) ** (np.arange(k) / (k - 1))).astype(int)
+    labels = np.repeat(np.arange(k), counts)
+    centres = rng.standard_normal((k, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    views = centres[labels][:, None, :] + 0.05 * rng.standard_normal((labels.size, e, d))
+    bank = ViewBank(
+        views.astype(np.float16),
+        np.zeros((labels.size, e, 4), int),
+        np.zeros((labels.size, e), bool),
+    )
+    encoder = SelectiveEncoder(
+        views.mean(1).astype(np.float16),
+        _NoPixels(labels.size),
+        torch.nn.Identity(),
+        None,
+        "cpu",
+        bank=bank,
+    )
+    cfg = config(
+        mode="contrast_standard",
+        epochs=1,
+        batch_size=128,
+        lr=0.0,
+        residual_ratio=0.0,
+        sampler=sampler,
+        seed=0,
+    )
+    text = F.normalize(torch.randn(k, d, generator=torch.Generator().manual_seed(0)), dim=-1)
+    trainer = Stage2Trainer(None, text, labels, encoder, cfg, "cpu")
+    trainer.train_epoch(progress=False)
+    lm, _ = trainer.momentum_snapshot()
+    return spearman(np.bincount(labels, weights=lm) / counts, counts)
+
+
+def test_measured_score_does_not_follow_class_size_when_negatives_are_balanced():
+    # Same-class views are the hardest negatives. Drawn as the balanced sampler draws a
+    # training batch, every anchor meets about as many of them whatever its class size...
+    assert abs(_cluster_spearman("balanced")) < 0.2
+    # ...drawn uniformly, a Many-class anchor meets ~100x more than a Few-class one, and the
+    # "memorisation" score is class size (the same pass with the instance sampler's law).
+    assert _cluster_spearman("instance") > 0.8
+
+
+def test_measurement_negatives_are_never_the_anchor_itself(world):
+    trainer, _ = make_trainer(world, config(mode="contrast_standard", epochs=1))
+    anchors = np.arange(6)  # six of class 0's 12 samples; all 4 of class 2's below
+    few = np.flatnonzero(world["labels"] == 2)
+    negatives = np.concatenate([anchors, few, anchors])
+    out = trainer._other_than(negatives, np.concatenate([anchors, few]), np.random.default_rng(0))
+    anchor_set = set(anchors) | set(few)
+    replaced = [j for j in range(out.size) if out[j] != negatives[j]]
+    # every draw of a class-0 anchor became another class-0 sample; class 2 has no other
+    # sample left, so its draws stay (the loss masks them)
+    assert all(world["labels"][out[j]] == world["labels"][negatives[j]] for j in replaced)
+    assert not any(out[j] in anchor_set for j in range(out.size) if world["labels"][out[j]] != 2)
+    assert set(out[anchors.size : anchors.size + few.size]) == set(few)
+
+
+def test_augmented_measurement_scores_the_views_training_would_see(world):
+    base, base_enc = make_trainer(world, config(mode="ecvl", epochs=2))
+    aug, aug_enc = make_trainer(world, config(mode="ecvl", epochs=2, measure_views="augmented"))
+    for trainer in (base, aug):
+        first = trainer.train_epoch(progress=False)
+        assert first["reencoded_views"] == 0  # no scores yet: base views, also when measuring
+    assert base_enc.images_seen == aug_enc.images_seen == 0
+    np.testing.assert_array_equal(base.momentum_snapshot()[0], aug.momentum_snapshot()[0])
+    b2, a2 = base.train_epoch(progress=False), aug.train_epoch(progress=False)
+    assert b2["reencoded_views"] == a2["reencoded_views"] > 0  # training is the same
+    assert base_enc.images_seen == b2["reencoded_views"]  # measuring re-encoded nothing
+    assert aug_enc.images_seen > a2["reencoded_views"]  # measuring re-encoded planned views
+    assert not np.allclose(base.momentum_snapshot()[0], aug.momentum_snapshot()[0])
