@@ -139,6 +139,9 @@ class SelectiveEncoder:
             `encode_stream` (default ``2 * batch_size``); with workers their pixel work runs
             ahead too, inline it runs when the encoder needs it.
         bank: the export's view bank (N×E base views), for requests with `entries`.
+        cache_device: where the clean cache and an in-memory bank are held and gathered
+            (default: the host). On a GPU, `device` keeps every step's rows on the GPU; a bank
+            read from disk (a zarr array) stays there and is read per request.
 
     Raises:
         DataError: the cache, the image store and the bank differ in length or width, or the
@@ -163,6 +166,7 @@ class SelectiveEncoder:
         num_workers: int = 0,
         prefetch: int | None = None,
         bank: ViewBank | None = None,
+        cache_device: torch.device | str | None = None,
     ) -> None:
         if isinstance(cached_features, torch.Tensor):
             cache = cached_features.detach()
@@ -187,8 +191,15 @@ class SelectiveEncoder:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if prefetch is not None and int(prefetch) < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-        self.cache = cache
+        held = torch.device("cpu") if cache_device is None else torch.device(cache_device)
+        self.cache = cache.to(held)
         self.bank = bank
+        # An in-memory bank as one tensor: a step's banked rows are one gather where it lives.
+        self._bank_rows = (
+            torch.from_numpy(bank.features).to(held)
+            if bank is not None and isinstance(bank.features, np.ndarray)
+            else None
+        )
         self.image_store = image_store
         self.encoder = encoder
         self.transform = transform
@@ -437,10 +448,15 @@ class SelectiveEncoder:
         if prepared.clean.size:
             where = torch.from_numpy(prepared.clean).to(self.device)
             if prepared.entries is not None:
-                banked = self.bank.rows(  # type: ignore[union-attr]
-                    prepared.indices[prepared.clean], prepared.entries[prepared.clean]
-                )
-                out[where] = torch.from_numpy(banked).to(self.device, non_blocking=True).float()
+                idx, ent = prepared.indices[prepared.clean], prepared.entries[prepared.clean]
+                if self._bank_rows is not None:
+                    held = self._bank_rows.device
+                    banked = self._bank_rows[
+                        torch.from_numpy(idx).to(held), torch.from_numpy(ent).to(held)
+                    ]
+                else:
+                    banked = torch.from_numpy(self.bank.rows(idx, ent))  # type: ignore[union-attr]
+                out[where] = banked.to(self.device, non_blocking=True).float()
                 return out
             rows = torch.from_numpy(prepared.indices[prepared.clean]).to(self.cache.device)
             out[where] = self.cache[rows].to(self.device, non_blocking=True).float()

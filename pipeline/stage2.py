@@ -75,13 +75,19 @@ class _Inputs:
     device: torch.device
     precision: str
     run_digest: str  # code + stage-I weights: part of every mode's resume fingerprint
+    cache_device: torch.device  # where the clean cache and an in-memory bank are gathered
 
 
 def run(params: Params) -> None:
     p, paths = params.stage2, params.paths
     device = resolve_device(params.base.device)
     manifest = load_manifest(paths.shards)
-    caches = open_train_caches(paths.embeddings, paths.image_store)
+    budget = int(p.cache_memory_gb * 1e9)
+    caches = open_train_caches(
+        paths.embeddings,
+        paths.image_store,
+        bank_memory={"never": 0, "always": None, "auto": budget}[p.cache_in_memory],
+    )
     emb, train = caches.embeddings, caches.train
     precision = _encoder_precision(p.precision, emb.precision, device, paths.embeddings)
     digest = model_digest(paths.stage1)
@@ -99,6 +105,7 @@ def run(params: Params) -> None:
         device=device,
         precision=precision,
         run_digest=fingerprint(code_digest(), digest),
+        cache_device=_cache_device(p.cache_in_memory, budget, caches, device),
     )
 
     results, history, trained = {}, [], {}
@@ -124,6 +131,40 @@ def run(params: Params) -> None:
         for mode, (state, config, trace) in trained.items():
             _write_mode(tmp / mode, mode, state, config, trace, train, record)
     write_results(paths, "stage2", {"split": eval_split, **results}, history, ("mode", "epoch"))
+
+
+def _cache_device(policy: str, budget: int, caches: TrainCaches, device: torch.device):
+    """Where the clean cache and an in-memory bank live: on the training GPU when they fit the
+    budget and half its free memory, else on the host; logged in one line."""
+    train, bank = caches.train.features, caches.bank
+    in_memory = bank is not None and isinstance(bank.features, np.ndarray)
+    nbytes = train.nbytes + (bank.features.nbytes if in_memory else 0)
+    held = torch.device("cpu")
+    if device.type == "cuda" and policy != "never" and nbytes <= budget:
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes <= free // 2:
+            held = device
+    where = "host memory" if held.type == "cpu" else str(held)
+    if bank is None:
+        log.info("stage2: train embeddings (%.2f GB) in %s", train.nbytes / 1e9, where)
+    elif in_memory:
+        log.info(
+            "stage2: view bank and train embeddings (%.2f GB) in %s (cache_in_memory: %s)",
+            nbytes / 1e9,
+            where,
+            policy,
+        )
+    else:
+        log.info(
+            "stage2: view bank (%.2f GB) read from %s per step (cache_in_memory: %s, "
+            "cache_memory_gb: %.1f); train embeddings in %s",
+            bank.features.nbytes / 1e9,
+            bank.path,
+            policy,
+            budget / 1e9,
+            where,
+        )
+    return held
 
 
 def _encoder_precision(asked: str, exported: str | None, device, store) -> str:
@@ -208,6 +249,7 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         batch_size=p.encode_batch_size,
         num_workers=p.augment_workers,
         bank=caches.bank,
+        cache_device=inputs.cache_device,
     )
     manifest, device = inputs.manifest, inputs.device
     trainer = Stage2Trainer(

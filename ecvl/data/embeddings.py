@@ -23,7 +23,10 @@ encoded by the same frozen encoder, and what made each one::
 
 `bank` is stored uncompressed in zarr v3 shards of `bank_shard_rows(E, d)` samples whose inner
 chunks are one sample's E views, so a batch of random draws reads only its own samples' bytes
-and the bank is never loaded whole (`ViewBank`).
+and a bank too large for memory is never loaded whole (`ViewBank`). Such a bank is read straight
+from its shard files (`_BankFiles`: one `pread` per run of consecutive samples, the offsets
+checked against each shard's index once), because zarr's per-chunk machinery costs
+milliseconds per sample, which made reading the bank, not training, the cost of an epoch.
 
 All per-sample arrays are chunked along N (4096 rows by default) so that a block of rows is a
 few chunk files. Keys use zarr's variable-length ``string`` data type because it is the one
@@ -557,10 +560,10 @@ class Embeddings:
         """E, the base views banked per train sample (0: no bank)."""
         return int(self.attrs.get("bank_views", 0))
 
-    def bank(self, max_memory: int = BANK_MEMORY_BYTES) -> ViewBank:
+    def bank(self, max_memory: int | None = BANK_MEMORY_BYTES) -> ViewBank:
         """The train split's view bank: loaded when its features take at most `max_memory`
-        bytes (random reads from memory cost nothing), else read lazily per batch of samples
-        and never copied whole (ImageNet-LT's is 1.9 GB at d = 1024, E = 8).
+        bytes (None: always; random reads from memory cost nothing), else read lazily per
+        batch of samples and never copied whole (ImageNet-LT's is 1.9 GB at d = 1024, E = 8).
 
         Raises:
             DataError: the store has no bank (exported with ``bank_views: 0``).
@@ -569,8 +572,11 @@ class Embeddings:
             raise DataError(f"{self.path} has no view bank (it was exported with 0 bank views)")
         grp = self._root[BANK_SPLIT]
         features = grp["bank"]
-        if features.nbytes <= max_memory:
+        files = None
+        if max_memory is None or features.nbytes <= max_memory:
             features = features[...]
+        else:
+            files = _BankFiles.open(self.path / BANK_SPLIT / "bank", features)
         return ViewBank(
             features,
             grp["bank_boxes"][...],
@@ -578,6 +584,7 @@ class Embeddings:
             seed=int(grp["bank"].attrs["seed"]),
             checkpoint_digest=str(grp["bank"].attrs.get("checkpoint_digest", "")),
             path=f"{self.path}/{BANK_SPLIT}/bank",
+            files=files,
         )
 
 
@@ -592,6 +599,8 @@ class ViewBank:
         seed: the seed the bank was drawn with (a record).
         checkpoint_digest: the digest of the model that encoded the views (a record).
         path: where it lives, for messages.
+        files: direct reads of a zarr `features` array's shard files (`_BankFiles`), used
+            instead of zarr's reads when given.
 
     Raises:
         DataError: the three arrays disagree in N or E.
@@ -606,8 +615,10 @@ class ViewBank:
         seed: int = 0,
         checkpoint_digest: str = "",
         path: str = "bank",
+        files: _BankFiles | None = None,
     ) -> None:
         self.features = features if isinstance(features, zarr.Array) else np.asarray(features)
+        self._files = files
         self.boxes = np.asarray(boxes, dtype=np.int64)
         self.flips = np.asarray(flips, dtype=bool)
         self.seed = int(seed)
@@ -645,13 +656,108 @@ class ViewBank:
         if idx.size == 0:
             return np.zeros((0, self.dim), dtype=np.float16)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        block = self.features.get_orthogonal_selection((uniq, slice(None), slice(None)))
+        if self._files is not None:
+            block = self._files.read(uniq)
+        else:
+            block = self.features.get_orthogonal_selection((uniq, slice(None), slice(None)))
         return block[inverse, ent]
 
     def base_view(self, index: int, entry: int) -> tuple[tuple[int, int, int, int], bool]:
         """The crop box and flip that made view `entry` of sample `index`."""
         box = tuple(int(v) for v in self.boxes[index, entry])
         return box, bool(self.flips[index, entry])  # type: ignore[return-value]
+
+
+class _BankFiles:
+    """Reads of an uncompressed, sharded bank straight from its shard files.
+
+    The export writes each bank shard in one piece, so a shard file holds its samples' E×d
+    float16 views back to back, then zarr's shard index. `open` checks that layout against
+    the array's metadata and every shard's index once (else it returns None and zarr reads
+    the bank); `read` then costs one `pread` per run of consecutive samples.
+    """
+
+    def __init__(self, directory: Path, shard_rows: int, row_shape: tuple[int, int], n: int):
+        self.directory = directory
+        self.shard_rows = shard_rows
+        self.row_shape = row_shape
+        self.row_bytes = 2 * row_shape[0] * row_shape[1]
+        self.num_samples = n
+        self._fds: dict[int, int] = {}
+
+    @classmethod
+    def open(cls, directory: Path, array: zarr.Array) -> _BankFiles | None:
+        meta = json.loads((directory / "zarr.json").read_text())
+        n, e, d = (int(v) for v in array.shape)
+        try:
+            (codec,) = meta["codecs"]
+            conf = codec["configuration"]
+            plain = (
+                codec["name"] == "sharding_indexed"
+                and conf["chunk_shape"] == [1, e, d]
+                and conf["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
+                and conf.get("index_location", "end") == "end"
+                and meta["data_type"] == "float16"
+                and meta["chunk_key_encoding"]["configuration"]["separator"] == "/"
+            )
+            rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        except (KeyError, TypeError, ValueError):
+            plain = False
+        if not plain:
+            return None
+        files = cls(directory, rows, (e, d), n)
+        for shard in range(-(-n // rows)):
+            count = min(rows, n - shard * rows)
+            path = files._path(shard)
+            size = path.stat().st_size if path.is_file() else -1
+            # index: (offset, nbytes) uint64 pairs for every inner chunk of a full shard
+            index_bytes = 16 * rows + 4
+            if size != count * files.row_bytes + index_bytes:
+                return None
+            with path.open("rb") as f:
+                f.seek(-index_bytes, os.SEEK_END)
+                index = np.frombuffer(f.read(16 * rows), dtype="<u8").reshape(rows, 2)
+            expect = np.arange(count, dtype=np.uint64) * np.uint64(files.row_bytes)
+            if not (
+                np.array_equal(index[:count, 0], expect)
+                and np.all(index[:count, 1] == files.row_bytes)
+            ):
+                return None
+        return files
+
+    def _path(self, shard: int) -> Path:
+        return self.directory / "c" / str(shard) / "0" / "0"
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self._path(shard), os.O_RDONLY)
+        return fd
+
+    def read(self, samples: np.ndarray) -> np.ndarray:
+        """(len(samples), E, d) float16 views of sorted, distinct `samples`."""
+        out = np.empty((samples.size, *self.row_shape), dtype=np.float16)
+        flat = out.reshape(samples.size, -1).view(np.uint8)
+        # runs of consecutive samples within one shard: one read each
+        shard = samples // self.shard_rows
+        breaks = np.flatnonzero((np.diff(samples) != 1) | (np.diff(shard) != 0)) + 1
+        for a, b in zip(np.r_[0, breaks], np.r_[breaks, samples.size], strict=True):
+            first = int(samples[a])
+            offset = (first - int(shard[a]) * self.shard_rows) * self.row_bytes
+            size = (b - a) * self.row_bytes
+            data = os.pread(self._fd(int(shard[a])), size, offset)
+            if len(data) != size:
+                raise DataError(f"{self._path(int(shard[a]))}: truncated at sample {first}")
+            flat[a:b] = np.frombuffer(data, dtype=np.uint8).reshape(b - a, -1)
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _array(grp: zarr.Group, name: str, where: str) -> zarr.Array:

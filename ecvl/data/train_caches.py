@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ecvl.data.embeddings import Embeddings, SplitData, ViewBank, open_embeddings
+from ecvl.data.embeddings import (
+    BANK_MEMORY_BYTES,
+    Embeddings,
+    SplitData,
+    ViewBank,
+    open_embeddings,
+)
 from ecvl.data.image_store import ImageStore
 from ecvl.errors import DataError
 
@@ -51,9 +57,15 @@ class TrainCaches:
 
 
 def open_train_caches(
-    embeddings: str | os.PathLike[str], image_store: str | os.PathLike[str]
+    embeddings: str | os.PathLike[str],
+    image_store: str | os.PathLike[str],
+    *,
+    bank_memory: int | None = BANK_MEMORY_BYTES,
 ) -> TrainCaches:
     """Open the embedding store, its view bank and the image store, and check they agree.
+
+    The bank is loaded into memory when its features take at most `bank_memory` bytes (None:
+    always), else read from disk per batch of samples (`Embeddings.bank`).
 
     Raises:
         DataError: a store is missing, incomplete or malformed; the image store holds another
@@ -76,7 +88,7 @@ def open_train_caches(
             f"{store_path} and {emb_path} list the train samples in a different order "
             "(re-run the export)"
         )
-    bank = emb.bank() if emb.bank_views else None
+    bank = emb.bank(max_memory=bank_memory) if emb.bank_views else None
     if bank is not None and (bank.num_samples, bank.dim) != (n, emb.embed_dim):
         raise DataError(
             f"{bank.path} holds views of {bank.num_samples} samples of width {bank.dim}, "

@@ -210,3 +210,91 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2], [5, 6, 7]) == pytest.approx(np.sqrt(3) / 2)  # average ranks
     assert np.isnan(spearman([1, 1, 1], [1, 2, 3])) and np.isnan(spearman([1], [2]))
+
+
+class _NoPixels:
+    labels = None
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_a_bank_over_the_memory_budget_is_never_held_whole(tmp_path):
+    import math
+    import tracemalloc
+
+    from ecvl.stage2 import Stage2Config, Stage2Trainer
+
+    n, e, d, k = 3000, 8, 256, 10
+    rng = np.random.default_rng(0)
+    attrs = {"model_name": "m", "checkpoint_digest": "sha256:x", "templates": ["{}"]}
+    attrs["classes"] = [f"c{i}" for i in range(k)]
+    path = tmp_path / "big.zarr"
+    w = EmbeddingWriter(path, {"train": n}, d, attrs, bank_views=e)
+    labels = np.arange(n) % k
+    w.write("train", 0, rng.standard_normal((n, d)), labels, [f"s{i}" for i in range(n)])
+    w.mark_complete("train")
+    w.write_text_features(np.eye(k, d, dtype=np.float32))
+    for a in range(0, n, w.bank_shard_rows):
+        m = min(w.bank_shard_rows, n - a)
+        w.write_bank(a, rng.standard_normal((m, e, d)), np.zeros((m, e, 4)), np.zeros((m, e)))
+    w.mark_bank_complete()
+    store = open_embeddings(path)
+    train, bank_bytes = store.split("train"), n * e * d * 2
+    cfg = Stage2Config(
+        epochs=1, batch_size=64, logit_scale=math.log(10), lr=1e-3, weight_decay=0.0,
+        warmup_steps=0, residual_ratio=0.2, beta=0.9, k=1, tau_dcvl=0.1, w_dcvl=1.0,
+        sampler="balanced", draws_per_epoch=None, mode="contrast_standard", seed=0,
+    )  # fmt: skip
+
+    def epoch_peak(max_memory):
+        tracemalloc.start()
+        bank = store.bank(max_memory=max_memory)
+        enc = SelectiveEncoder(
+            train.features, _NoPixels(n), torch.nn.Identity(), None, "cpu", bank=bank
+        )
+        Stage2Trainer(None, store.text_features(), train.labels, enc, cfg, "cpu").train_epoch(
+            progress=False
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    assert epoch_peak(max_memory=None) >= bank_bytes  # in memory: the whole bank, once
+    assert epoch_peak(max_memory=bank_bytes - 1) < bank_bytes / 4  # over budget: per step
+
+
+def test_bank_files_are_read_directly_only_when_their_index_says_so(tmp_path):
+    import google_crc32c  # zarr's checksum of the shard index
+
+    n, e, d = 40, 2, 8
+    attrs = {"model_name": "m", "checkpoint_digest": "x", "templates": ["{}"], "classes": ["a"]}
+    w = EmbeddingWriter(tmp_path / "e.zarr", {"train": n}, d, attrs, bank_views=e)
+    w.write("train", 0, np.zeros((n, d)), np.zeros(n, int), [f"k{i}" for i in range(n)])
+    w.mark_complete("train")
+    w.write_text_features(np.eye(1, d, dtype=np.float32))
+    feats = np.arange(n * e * d, dtype=np.float32).reshape(n, e, d) / (n * e * d)
+    w.write_bank(0, feats, np.zeros((n, e, 4)), np.zeros((n, e)))
+    w.mark_bank_complete()
+    store = open_embeddings(tmp_path / "e.zarr")
+    idx, ent = np.array([5, 0, 39, 6, 5]), np.array([1, 0, 1, 0, 0])
+    direct = store.bank(max_memory=0)
+    assert direct._files is not None
+    assert np.array_equal(direct.rows(idx, ent), feats.astype(np.float16)[idx, ent])
+    # swap the shard index entries of samples 0 and 1: zarr follows the index, so must we
+    shard = tmp_path / "e.zarr/train/bank/c/0/0/0"
+    blob = bytearray(shard.read_bytes())
+    start = len(blob) - 4 - 16 * direct._files.shard_rows
+    blob[start : start + 16], blob[start + 16 : start + 32] = (
+        blob[start + 16 : start + 32],
+        blob[start : start + 16],
+    )
+    blob[-4:] = np.array([google_crc32c.value(bytes(blob[start:-4]))], dtype="<u4").tobytes()
+    shard.write_bytes(bytes(blob))
+    swapped = store.bank(max_memory=0)
+    assert swapped._files is None  # the layout is not the export's: zarr reads it
+    expected = feats.astype(np.float16)[[1, 0]]
+    assert np.array_equal(swapped.rows(np.array([0, 1]), np.array([0, 0])), expected[:, 0])

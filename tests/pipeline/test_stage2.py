@@ -165,3 +165,27 @@ def test_encoder_precision_follows_the_export_or_is_refused(caplog):
     caplog.set_level("WARNING")
     assert _encoder_precision("auto", "bf16", cpu, "e.zarr") == "fp32"  # GPU export, CPU stage II
     assert "exported in bf16" in caplog.text
+
+
+def test_a_bank_read_from_disk_trains_the_same_adapter(tmp_path, upstream, caplog):
+    # cache_in_memory decides only where the bank's rows come from, never what they are
+    caplog.set_level("INFO", logger="pipeline.stage2")
+    runs = {}
+    for policy in ("auto", "never"):
+        out = tmp_path / policy
+        out.mkdir()
+        params = write_params(
+            out,
+            **UP,
+            paths=upstream_paths(upstream, "shards", "stage1", "embeddings", "image_store"),
+            stage2={**STAGE2, "modes": ["contrast_standard"], "cache_in_memory": policy},
+            package={"mode": "contrast_standard"},
+        )
+        result = _invoke("stage2", params)
+        assert result.exit_code == 0, result.output
+        runs[policy] = load_file(out / "models/stage2/contrast_standard/adapter.safetensors")
+    placements = [r.getMessage() for r in caplog.records if "view bank" in r.getMessage()]
+    assert "in host memory (cache_in_memory: auto)" in placements[0]
+    assert "read from" in placements[1] and "per step (cache_in_memory: never" in placements[1]
+    for name, tensor in runs["auto"].items():
+        assert torch.equal(tensor, runs["never"][name]), name
