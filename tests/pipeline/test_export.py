@@ -361,3 +361,29 @@ def test_kill_in_the_bank_and_rerun_equals_straight_run(
     b = open_embeddings(tmp_path / "data/embeddings.zarr").bank()
     assert np.array_equal(a.features[...], b.features[...])
     assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.flips, b.flips)
+
+
+def test_background_writes_keep_their_order_and_raise_in_the_caller():
+    import threading
+
+    from ecvl.errors import DataError
+    from pipeline.export import _InOrderWriter
+
+    done, threads = [], set()
+
+    def write(i, item):
+        threads.add(threading.current_thread().name)
+        if item == "bad":
+            raise DataError(f"item {i} is bad")
+        done.append(i)
+
+    with _InOrderWriter(write) as background:
+        for i in range(20):
+            background(i, "ok")
+    assert done == list(range(20)) and threads == {"ecvl-export-writer"}
+
+    done.clear()
+    with pytest.raises(DataError, match="item 3 is bad"), _InOrderWriter(write) as background:
+        for i in range(50):
+            background(i, "bad" if i == 3 else "ok")
+    assert done == [0, 1, 2]  # nothing written after the failed write
