@@ -43,8 +43,8 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 log = logging.getLogger(__name__)
 
 _RESAMPLE = Image.Resampling.BILINEAR
-_CUTOUT_RGB = (125, 123, 114)
-_CUTOUT_L = 121  # luma of the RGB grey above
+CUTOUT_RGB = (125, 123, 114)
+CUTOUT_L = 121  # luma of the RGB grey above
 
 
 class PlannedOp(NamedTuple):
@@ -123,20 +123,32 @@ def sharpness(img: Image.Image, v: float, rng: np.random.Generator) -> Image.Ima
     return ImageEnhance.Sharpness(img).enhance(v)
 
 
-def cutout(img: Image.Image, v: float, rng: np.random.Generator) -> Image.Image:
-    """Grey square of side `v * min(w, h)`, centred uniformly at random, clipped at the border."""
-    w, h = img.size
+def cutout_box(
+    size: tuple[int, int], v: float, rng: np.random.Generator
+) -> tuple[int, int, int, int] | None:
+    """Cutout's square for an image of `size` = (w, h): side `v * min(w, h)`, centre uniform
+    over the image, clipped at the border; ``(x0, y0, x1, y1)``, far edges exclusive.
+
+    None, without drawing, when the side is 0. Kept apart from the pixels so that the batched
+    ops (`ecvl.batch_randaugment`) draw the same positions from the same streams."""
+    w, h = size
     side = v * min(w, h)
     if side <= 0:
-        return img.copy()
+        return None
     cx, cy = rng.uniform(0, w), rng.uniform(0, h)
     x0, y0 = int(max(0.0, cx - side / 2)), int(max(0.0, cy - side / 2))
     x1, y1 = int(min(w, math.ceil(cx + side / 2))), int(min(h, math.ceil(cy + side / 2)))
+    return x0, y0, x1, y1
+
+
+def cutout(img: Image.Image, v: float, rng: np.random.Generator) -> Image.Image:
+    """Grey square of side `v * min(w, h)`, centred uniformly at random, clipped at the border."""
+    box = cutout_box(img.size, v, rng)
     out = img.copy()
-    if x1 > x0 and y1 > y0:
-        fill = _CUTOUT_L if img.mode == "L" else _CUTOUT_RGB
+    if box is not None and box[2] > box[0] and box[3] > box[1]:
+        fill = CUTOUT_L if img.mode == "L" else CUTOUT_RGB
         # PIL rectangles include their far corner.
-        ImageDraw.Draw(out).rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        ImageDraw.Draw(out).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=fill)
     return out
 
 
