@@ -366,31 +366,6 @@ def apply_base_view(image: Image.Image, box: Sequence[int], flip: bool) -> Image
     return ImageOps.mirror(out) if flip else out
 
 
-def standard_view_transform(
-    image: Image.Image,
-    rng: np.random.Generator | int,
-    *,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip_p: float = 0.5,
-) -> Image.Image:
-    """A fresh standard view (random resized crop + horizontal flip, same size): the base view
-    of `sample_base_view` applied by `apply_base_view`.
-
-    Args:
-        image: PIL image, any mode PIL can resize.
-        rng: generator or int seed.
-        scale: area fraction range of the crop, within (0, 1].
-        ratio: aspect ratio (w/h) range of the crop.
-        flip_p: probability of a horizontal flip.
-
-    Raises:
-        ValueError: invalid `scale`, `ratio` or `flip_p`.
-    """
-    box, flip = sample_base_view(image.size, rng, scale=scale, ratio=ratio, flip_p=flip_p)
-    return apply_base_view(image, box, flip)
-
-
 __all__ = [
     "OPS",
     "OP_NAMES",
@@ -402,5 +377,4 @@ __all__ = [
     "apply_plan",
     "plan_views",
     "sample_base_view",
-    "standard_view_transform",
 ]

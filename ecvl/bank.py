@@ -3,8 +3,8 @@
 DESIGN.md §1, "Base views and the view bank": every view of a two-view stage-II mode starts
 from a base view (random resized crop + flip). Encoding E of them per sample once, at export,
 makes base views free in stage II: a view that draws no RandAugment op *is* its bank row, and
-one that draws ops is rebuilt from the image store with the stored crop box and flip
-(`ecvl.augment.apply_base_view`), the same function used here.
+one that draws ops is rebuilt from the image store with the stored crop box and flip by the
+same renderer used here (`ecvl.views.ViewRenderer`, on batches on the encoder's device).
 
 Determinism: view e of sample i draws its crop and flip from `bank_rng(seed, i, e)`, so the
 bank does not depend on block sizes, threads or resume points; encoder batches are formed in
@@ -15,17 +15,16 @@ same batches as an uninterrupted one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from ecvl.augment import apply_base_view, sample_base_view
+from ecvl.augment import sample_base_view
 from ecvl.data.image_store import ImageStore
 from ecvl.precision import autocast
+from ecvl.views import ViewRenderer, stack_pixels
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,10 @@ def encode_bank_block(
     rows: Sequence[int],
     views: int,
     seed: int,
-    transform: Callable[[Image.Image], torch.Tensor],
+    renderer: ViewRenderer,
     device: torch.device,
     precision: str,
     batch_size: int,
-    num_workers: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """E base views of each sample in `rows`: their embeddings, crop boxes and flips.
 
@@ -59,43 +57,41 @@ def encode_bank_block(
         rows: sample indices (one block of the bank).
         views: E.
         seed: the bank's seed.
-        transform: the model's eval transform (the one the export and stage II use).
-        device, precision: where and how the encoder runs.
+        renderer: the model's view renderer (the one stage II re-renders views with).
+        device, precision: where and how the encoder runs (views are rendered there too).
         batch_size: images per encoder call.
-        num_workers: threads decoding and cropping (0: inline).
 
     Returns:
         ``(features, boxes, flips)``: float32 n×E×d on the CPU (projected, not normalised),
         int32 n×E×4, bool n×E.
     """
     rows = [int(i) for i in rows]
-    blobs = store.get_many_bytes(rows)
-
-    def pixels(item: tuple[int, bytes]) -> tuple[list[torch.Tensor], list, list]:
-        i, data = item
-        image = store.decode(i, data)
-        tensors, boxes, flips = [], [], []
-        for e in range(views):
-            box, flip = sample_base_view(image.size, bank_rng(seed, i, e))
-            tensors.append(transform(apply_base_view(image, box, flip)))
-            boxes.append(box)
-            flips.append(flip)
-        return tensors, boxes, flips
-
-    items = list(zip(rows, blobs, strict=True))
-    if num_workers > 0:
-        with ThreadPoolExecutor(num_workers, thread_name_prefix="ecvl-bank") as pool:
-            done = list(pool.map(pixels, items))
-    else:
-        done = [pixels(item) for item in items]
-    images = [t for tensors, _, _ in done for t in tensors]
+    n = len(rows)
+    pixels = [
+        store.decode_pixels(i, data)
+        for i, data in zip(rows, store.get_many_bytes(rows), strict=True)
+    ]
+    drawn = [
+        sample_base_view((image.shape[1], image.shape[0]), bank_rng(seed, i, e))
+        for i, image in zip(rows, pixels, strict=True)
+        for e in range(views)
+    ]
+    boxes = np.asarray([box for box, _ in drawn], dtype=np.int32).reshape(n, views, 4)
+    flips = np.asarray([flip for _, flip in drawn], dtype=bool).reshape(n, views)
+    sizes = np.repeat(
+        np.array([p.shape[:2] for p in pixels], dtype=np.int64).reshape(-1, 2), views, 0
+    )
+    plan = renderer.source_boxes(sizes, boxes.reshape(-1, 4), flips.reshape(-1))
     feats = []
     with torch.inference_mode(), autocast(device, precision):
-        for a in range(0, len(images), batch_size):
-            batch = torch.stack(images[a : a + batch_size]).to(device, non_blocking=True)
+        for a in range(0, n * views, batch_size):
+            chunk = range(a, min(n * views, a + batch_size))
+            images = stack_pixels([pixels[v // views] for v in chunk])
+            if isinstance(images, torch.Tensor):
+                images = images.to(device, non_blocking=True)
+            else:
+                images = [t.to(device, non_blocking=True) for t in images]
+            batch = renderer.render(images, plan[a : chunk.stop])
             feats.append(model.encode_image(batch, normalize=False).float().cpu())
-    n = len(rows)
     out = torch.cat(feats).reshape(n, views, -1).numpy() if feats else np.zeros((0, views, 0))
-    boxes = np.asarray([b for _, b, _ in done], dtype=np.int32).reshape(n, views, 4)
-    flips = np.asarray([f for _, _, f in done], dtype=bool).reshape(n, views)
     return out, boxes, flips

@@ -3,21 +3,21 @@
 DESIGN.md §1, "Re-encode only augmented views": a view to which memory-driven augmentation
 applied no op is exactly the image the export encoded, so its feature is a cached row: the clean
 embedding, or with a view bank (`entries`) the banked base view. Only views that were actually
-augmented are decoded from the image store, given their bank entry's crop and flip, augmented,
-transformed and run through the frozen image encoder, in batches. Early in training, and for
-well-learned samples (low memorisation score), most views are banked and cost nothing.
+augmented are read from the image store and rendered (their bank entry's crop and flip, their
+ops, the eval transform: `ecvl.views.ViewRenderer`, on the whole batch on the encoder's device)
+and run through the frozen image encoder. Early in training, and for well-learned samples (low
+memorisation score), most views are banked and cost nothing.
 
 Determinism: view ``j`` of a request with seed ``s`` draws its pixel randomness (Cutout's
-position, the standard view's crop and flip) from `view_rng(s, j)`, whichever thread runs it,
-so results do not depend on `num_workers` or timing. Encoder batches are formed in request
-order, so even the floating-point batching is reproducible; a different `batch_size` regroups
-the encoder's inputs and may change re-encoded features in the last bits (about 1e-7).
+position) from `view_rng(s, j)`, so results depend on nothing but the request. Encoder batches
+are formed in request order, so even the floating-point batching is reproducible; a different
+`batch_size` regroups the encoder's inputs and may change re-encoded features in the last bits
+(about 1e-7).
 
-Parallelism: image decoding, augmentation and the eval transform ("pixel work") run in a
-thread pool of `num_workers` threads (PIL and torch release the GIL for the heavy parts);
-`encode_stream` keeps the pool working on the views of the next requests while earlier views are
-encoded, and fills encoder batches across requests, so on a GPU the encoder runs full batches
-and rarely waits for pixels. With ``num_workers=0`` the pixel work runs inline, just in time.
+Encoder batches span requests: a request's rendered views wait until `batch_size` of them are
+ready, so the encoder runs full batches even when one training step augments fewer views than
+that. On a GPU the rendering and the encoder are queued without a host synchronisation, so
+the host reads and decodes the next request's images while the device works.
 """
 
 from __future__ import annotations
@@ -25,30 +25,26 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from ecvl.augment import BaseView, ViewPlan, apply_base_view, apply_plan
+from ecvl.augment import ViewPlan
 from ecvl.data.embeddings import ViewBank
 from ecvl.data.image_store import ImageStore
 from ecvl.errors import DataError
 from ecvl.precision import autocast, resolve_precision
+from ecvl.views import ViewRenderer, stack_pixels
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SelectiveEncoder", "ViewRequest", "view_rng"]
 
 Seed = int | Sequence[int]
-ViewTransform = Callable[[Image.Image, np.random.Generator], Image.Image]
-# Requests prepared ahead at most (clean-only requests cost no pixel work but hold memory).
-_MAX_PENDING = 16
 
 
 def view_rng(seed: Seed, position: int) -> np.random.Generator:
@@ -69,53 +65,36 @@ class ViewRequest:
         indices: (B,) sample indices (rows of the cache / items of the image store); the same
             sample may appear several times (e.g. its two views).
         plans: one `ViewPlan` per view, an empty plan meaning a clean (cached) view; None
-            means all views are clean, unless `view_transform` is given.
+            means all views are clean.
         entries: one bank entry per view (needs the encoder's `bank`): the view starts from
-            that base view, and a clean one is its bank row; None: the clean cached embedding.
+            that base view, and a clean one is its bank row; None: the whole stored image, and
+            a clean view is the clean cached embedding.
         seed: int or sequence of ints; view j's pixel randomness is `view_rng(seed, j)`.
-        view_transform: ``f(image, rng) -> image`` applied to *every* view instead of plans
-            (ablation 2, e.g. `ecvl.augment.standard_view_transform`); every view is re-encoded.
-        reencode_all: re-encode clean views too (their plan is empty, so only decode and
-            transform): the naive path, for benchmarks and for checking the cache.
+        reencode_all: re-encode clean views too (their plan is empty, so only the base view and
+            the eval transform): the naive path, for benchmarks and for checking the cache.
     """
 
     indices: Any
     plans: Sequence[ViewPlan] | None = None
     seed: Seed = 0
-    view_transform: ViewTransform | None = None
     reencode_all: bool = False
     entries: Any = None
 
 
-# (position, plan, base view) of one view that needs pixels
-_Work = tuple[int, ViewPlan | None, BaseView | None]
-
-
 @dataclass
 class _Prepared:
-    """A validated request: which rows come from the cache, which need pixel work."""
+    """A validated request: which rows come from the cache, which are rendered."""
 
     indices: np.ndarray
     entries: np.ndarray | None  # bank entry per view, or None (the clean cache)
     clean: np.ndarray  # positions served from the cache
-    work: list[tuple[int, list[_Work]]]  # (sample, its views)
-    n_work: int
+    work: np.ndarray  # positions rendered and re-encoded
+    plans: Sequence[ViewPlan] | None
     seed: Seed
-    view_transform: ViewTransform | None
 
-
-class _Inline:
-    """A future computed on demand in the calling thread (``num_workers=0``)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._call = (fn, args)
-
-    def result(self) -> Any:
-        fn, args = self._call
-        return fn(*args)
-
-    def cancel(self) -> bool:
-        return True
+    @property
+    def n_work(self) -> int:
+        return int(self.work.size)
 
 
 class SelectiveEncoder:
@@ -129,15 +108,11 @@ class SelectiveEncoder:
         encoder: the frozen open_clip model (anything with ``encode_image(x, normalize=False)``).
             It is put in eval mode and only ever called under `torch.inference_mode()`, so no
             gradient reaches it; it must already be on `device`.
-        transform: PIL image -> (C, H, W) tensor, the model's eval transform (the one the
-            export used, so that a clean view re-encoded would match its cached row).
-        device: where the encoder lives and where the features are returned.
+        renderer: turns stored images into the model's inputs (the export's base views and
+            eval transform, plus the ops), so that a clean view re-encoded matches its row.
+        device: where the encoder lives, where views are rendered and features returned.
         precision: fp32 | bf16 | fp16 | auto for the encoder (autocast; fp32 off CUDA).
         batch_size: images per encoder call.
-        num_workers: threads for decoding/augmenting/transforming; 0 = inline.
-        prefetch: views of upcoming requests prepared ahead of the encoder in
-            `encode_stream` (default ``2 * batch_size``); with workers their pixel work runs
-            ahead too, inline it runs when the encoder needs it.
         bank: the export's view bank (N×E base views), for requests with `entries`.
         cache_device: where the clean cache and an in-memory bank are held and gathered
             (default: the host). On a GPU, `device` keeps every step's rows on the GPU; a bank
@@ -146,12 +121,12 @@ class SelectiveEncoder:
     Raises:
         DataError: the cache, the image store and the bank differ in length or width, or the
             cache is not 2-D.
-        ValueError: non-positive `batch_size`, negative `num_workers` or `prefetch`.
+        ValueError: non-positive `batch_size`.
 
     Counters (cumulative until `reset_counters`): ``clean_views``, ``reencoded_views``,
-    ``encoder_batches``, ``encode_seconds`` (wall time in encoder calls), ``pixel_wait_seconds``
-    (time the encoding thread waited for pixel work: decoding on the critical path; with
-    ``num_workers=0`` this is all of the pixel work).
+    ``encoder_batches``, ``encode_seconds`` (time in encoder calls), ``pixel_seconds`` (time
+    reading, decoding and rendering the views to re-encode). On a GPU both are the host's time
+    to queue the work.
     """
 
     def __init__(
@@ -159,12 +134,10 @@ class SelectiveEncoder:
         cached_features: np.ndarray | torch.Tensor,
         image_store: ImageStore,
         encoder: nn.Module,
-        transform: Callable[[Image.Image], torch.Tensor],
+        renderer: ViewRenderer | None,
         device: torch.device | str,
         precision: str = "fp32",
         batch_size: int = 256,
-        num_workers: int = 0,
-        prefetch: int | None = None,
         bank: ViewBank | None = None,
         cache_device: torch.device | str | None = None,
     ) -> None:
@@ -187,10 +160,6 @@ class SelectiveEncoder:
             )
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if prefetch is not None and int(prefetch) < 0:
-            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         held = torch.device("cpu") if cache_device is None else torch.device(cache_device)
         self.cache = cache.to(held)
         self.bank = bank
@@ -202,13 +171,10 @@ class SelectiveEncoder:
         )
         self.image_store = image_store
         self.encoder = encoder
-        self.transform = transform
+        self.renderer = renderer
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.prefetch = 2 * self.batch_size if prefetch is None else int(prefetch)
-        self._pool: ThreadPoolExecutor | None = None
         self.encoder.eval()
         self.reset_counters()
 
@@ -237,7 +203,7 @@ class SelectiveEncoder:
             "reencoded_views": 0,
             "encoder_batches": 0,
             "encode_seconds": 0.0,
-            "pixel_wait_seconds": 0.0,
+            "pixel_seconds": 0.0,
         }
         return old
 
@@ -249,7 +215,6 @@ class SelectiveEncoder:
         plans: Sequence[ViewPlan] | None = None,
         seed: Seed = 0,
         *,
-        view_transform: ViewTransform | None = None,
         reencode_all: bool = False,
         entries: Any = None,
     ) -> tuple[torch.Tensor, int]:
@@ -258,100 +223,64 @@ class SelectiveEncoder:
         Returns:
             ``(features, n_reencoded)``: (B, d) float32 on `device` (row j = view j; a clean
             view's row is its cached or banked embedding cast to float32, bit for bit) and how
-            many views
-            went through the encoder.
+            many views went through the encoder.
 
         Raises:
-            ValueError: plans of the wrong length, both plans and `view_transform`, or an index
-                out of range.
+            ValueError: plans of the wrong length, or an index out of range.
             DataError: an image does not decode.
         """
-        request = ViewRequest(indices, plans, seed, view_transform, reencode_all, entries)
+        request = ViewRequest(indices, plans, seed, reencode_all, entries)
         return next(self.encode_stream([request]))
 
     def encode_stream(self, requests: Iterable[ViewRequest]) -> Iterator[tuple[torch.Tensor, int]]:
         """`encode_views` for a sequence of requests, one result per request, in order.
 
-        Encoder batches span requests: views to re-encode collect across upcoming requests
-        until `batch_size` of them are ready, so the encoder runs full batches even when one
-        training step augments fewer views than that; a request is yielded once all of its
-        views are encoded. With workers, the pixel work of upcoming requests (up to
-        `prefetch` views ahead) runs while earlier views are encoded. Pass the whole epoch's
-        requests as a lazy iterable when they do not depend on the results (ECVL's plans only
-        depend on the previous epoch's scores). Closing the iterator early cancels pending
-        work. Batches are formed in request order, so results do not depend on `num_workers`.
+        Encoder batches span requests: rendered views collect across upcoming requests until
+        `batch_size` of them are ready, so the encoder runs full batches even when one training
+        step augments fewer views than that; a request is yielded once all of its views are
+        encoded. Pass the whole epoch's requests as a lazy iterable when they do not depend on
+        the results (ECVL's plans only depend on the previous epoch's scores).
         """
-        source = iter(requests)
-        pending: deque[tuple[_Prepared, list[Any]]] = deque()
-        ahead = 0  # views with pixel work in `pending`
-        exhausted = False
         active: deque[list[Any]] = deque()  # [prepared, out, views still to encode]
-        images: list[torch.Tensor] = []
-        targets: list[tuple[list[Any], int]] = []  # (active entry, position) of each image
-
-        def fill() -> None:
-            nonlocal ahead, exhausted
-            while not exhausted and (
-                not pending or (ahead < self.prefetch and len(pending) < _MAX_PENDING)
-            ):
-                request = next(source, None)
-                if request is None:
-                    exhausted = True
-                    return
-                prepared = self._prepare(request)
-                pending.append((prepared, self._submit(prepared)))
-                ahead += prepared.n_work
+        chunks: deque[tuple[list[Any], np.ndarray, torch.Tensor]] = deque()  # rendered views
+        ready = 0  # rendered views waiting in `chunks`
 
         def encode(count: int) -> None:
-            self._encode_into(targets[:count], images[:count])
-            del targets[:count], images[:count]
+            nonlocal ready
+            parts, taken = [], 0
+            while taken < count:
+                entry, positions, pixels = chunks.popleft()
+                take = min(count - taken, positions.size)
+                parts.append((entry, positions[:take], pixels[:take]))
+                if take < positions.size:
+                    chunks.appendleft((entry, positions[take:], pixels[take:]))
+                taken += take
+            ready -= taken
+            self._encode_into(parts)
 
-        try:
-            while True:
-                fill()
-                if pending:
-                    prepared, futures = pending.popleft()
-                    ahead -= prepared.n_work
-                    fill()  # keep the workers busy while this request's views are collected
-                    entry = [prepared, self._clean_rows(prepared), prepared.n_work]
-                    active.append(entry)
-                    for future in futures:
-                        start = time.perf_counter()
-                        done = future.result()
-                        self._counters["pixel_wait_seconds"] += time.perf_counter() - start
-                        for position, tensor in done:
-                            targets.append((entry, position))
-                            images.append(tensor)
-                        while len(images) >= self.batch_size:
-                            encode(self.batch_size)
-                elif active:
-                    while images:  # no request left to share a batch with
-                        encode(self.batch_size)
-                else:
-                    return
-                while active and active[0][2] == 0:
-                    prepared, out, _ = active.popleft()
-                    self._counters["clean_views"] += int(prepared.clean.size)
-                    self._counters["reencoded_views"] += prepared.n_work
-                    yield out, prepared.n_work
-        finally:
-            for _, futures in pending:
-                for f in futures:
-                    f.cancel()
-
-    def close(self) -> None:
-        """Stop the worker threads (a later call starts new ones)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-    def __enter__(self) -> SelectiveEncoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        for request in requests:
+            prepared = self._prepare(request)
+            entry = [prepared, self._clean_rows(prepared), prepared.n_work]
+            active.append(entry)
+            if prepared.n_work:
+                chunks.append((entry, prepared.work, self._render(prepared)))
+                ready += prepared.n_work
+                while ready >= self.batch_size:
+                    encode(self.batch_size)
+            while active and active[0][2] == 0:
+                yield self._finish(active.popleft())
+        while ready:
+            encode(min(ready, self.batch_size))
+        while active:
+            yield self._finish(active.popleft())
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _finish(self, entry: list[Any]) -> tuple[torch.Tensor, int]:
+        prepared, out, _ = entry
+        self._counters["clean_views"] += int(prepared.clean.size)
+        self._counters["reencoded_views"] += prepared.n_work
+        return out, prepared.n_work
 
     def _prepare(self, request: ViewRequest) -> _Prepared:
         idx = np.asarray(request.indices)
@@ -364,83 +293,67 @@ class SelectiveEncoder:
             raise ValueError(
                 f"sample index out of range [0, {self.num_samples}): {idx.min()}..{idx.max()}"
             )
-        plans, transform = request.plans, request.view_transform
-        if plans is not None and transform is not None:
-            raise ValueError("pass either plans or a view_transform, not both")
+        plans = request.plans
         if plans is not None and len(plans) != idx.size:
             raise ValueError(f"{len(plans)} plans for {idx.size} views")
         entries = None
         if request.entries is not None:
             if self.bank is None:
                 raise ValueError("a request with bank entries needs an encoder with a bank")
-            if transform is not None:
-                raise ValueError("pass either bank entries or a view_transform, not both")
             entries = np.asarray(request.entries).astype(np.int64, copy=False).reshape(-1)
             if entries.size != idx.size:
                 raise ValueError(f"{entries.size} bank entries for {idx.size} views")
             if entries.size and (entries.min() < 0 or entries.max() >= self.bank.num_views):
                 raise ValueError(f"bank entries must be in [0, {self.bank.num_views})")
-        if transform is not None or request.reencode_all:
-            work_pos = np.arange(idx.size)
+        if request.reencode_all:
+            work = np.arange(idx.size)
         elif plans is None:
-            work_pos = np.zeros(0, dtype=np.int64)
+            work = np.zeros(0, dtype=np.int64)
         else:
-            work_pos = np.array([j for j, p in enumerate(plans) if p], dtype=np.int64)
-        clean = np.setdiff1d(np.arange(idx.size), work_pos, assume_unique=True)
-        # One decode per sample, however many of its views need pixels.
-        groups: dict[int, list[_Work]] = {}
-        for j in work_pos.tolist():
-            plan = None if transform is not None else () if plans is None else plans[j]
-            base = None if entries is None else self.bank.base_view(int(idx[j]), int(entries[j]))
-            groups.setdefault(int(idx[j]), []).append((j, plan, base))
-        return _Prepared(
-            indices=idx,
-            entries=entries,
-            clean=clean,
-            work=list(groups.items()),
-            n_work=int(work_pos.size),
-            seed=request.seed,
-            view_transform=transform,
-        )
+            work = np.array([j for j, p in enumerate(plans) if p], dtype=np.int64)
+        if work.size and self.renderer is None:
+            raise ValueError("views to re-encode need an encoder with a renderer")
+        clean = np.setdiff1d(np.arange(idx.size), work, assume_unique=True)
+        return _Prepared(idx, entries, clean, work, plans, request.seed)
 
-    def _submit(self, prepared: _Prepared) -> list[Any]:
-        if not prepared.work:
-            return []
-        args = (prepared.seed, prepared.view_transform)
-        # One sorted HDF5 read for the whole request (row-by-row reads cost ~100x more);
-        # decoding and augmentation then run per sample, in worker threads if any.
-        blobs = self.image_store.get_many_bytes([sample for sample, _ in prepared.work])
-        work = [
-            (sample, data, views)
-            for (sample, views), data in zip(prepared.work, blobs, strict=True)
+    def _render(self, prepared: _Prepared) -> torch.Tensor:
+        """The request's views to re-encode, rendered: float (n_work, 3, S, S) on `device`.
+
+        Each distinct sample is read and decoded once, however many of its views need pixels
+        (one sorted HDF5 read for the request)."""
+        start = time.perf_counter()
+        work, idx = prepared.work, prepared.indices
+        samples, which = np.unique(idx[work], return_inverse=True)
+        blobs = self.image_store.get_many_bytes(samples.tolist())
+        decoded = [
+            self.image_store.decode_pixels(int(i), data)
+            for i, data in zip(samples.tolist(), blobs, strict=True)
         ]
-        if self.num_workers == 0:
-            return [_Inline(self._pixels, *item, *args) for item in work]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="ecvl-pixels")
-        return [self._pool.submit(self._pixels, *item, *args) for item in work]
-
-    def _pixels(
-        self,
-        sample: int,
-        data: bytes,
-        views: list[_Work],
-        seed: Seed,
-        view_transform: ViewTransform | None,
-    ) -> list[tuple[int, torch.Tensor]]:
-        """Decode sample once, then base view + augment + transform each of its views (any
-        thread)."""
-        image = self.image_store.decode(sample, data)
-        out = []
-        for position, plan, base in views:
-            rng = view_rng(seed, position)
-            if view_transform is not None:
-                view = view_transform(image, rng)
-            else:
-                start = image if base is None else apply_base_view(image, *base)
-                view = apply_plan(start, plan, rng)
-            out.append((position, self.transform(view)))
-        return out
+        arrays = [decoded[k] for k in which.tolist()]
+        sizes = np.array([a.shape[:2] for a in arrays], dtype=np.int64).reshape(-1, 2)
+        if prepared.entries is None:  # the whole image, unmirrored
+            boxes = np.concatenate([np.zeros_like(sizes), sizes[:, ::-1]], axis=1)
+            flips = np.zeros(work.size, dtype=bool)
+        else:
+            boxes = self.bank.boxes[idx[work], prepared.entries[work]]  # type: ignore[union-attr]
+            flips = self.bank.flips[idx[work], prepared.entries[work]]  # type: ignore[union-attr]
+        plan = self.renderer.source_boxes(sizes, boxes, flips)  # type: ignore[union-attr]
+        view_plans = None
+        rngs = None
+        if prepared.plans is not None:
+            view_plans = [prepared.plans[j] for j in work.tolist()]
+            rngs = [
+                view_rng(prepared.seed, j) if any(op[0] == "Cutout" for op in p) else None
+                for j, p in zip(work.tolist(), view_plans, strict=True)
+            ]
+        images = stack_pixels(arrays)
+        if isinstance(images, torch.Tensor):
+            images = images.to(self.device, non_blocking=True)
+        else:
+            images = [t.to(self.device, non_blocking=True) for t in images]
+        pixels = self.renderer.render(images, plan, view_plans, rngs)  # type: ignore[union-attr]
+        self._counters["pixel_seconds"] += time.perf_counter() - start
+        return pixels
 
     def _clean_rows(self, prepared: _Prepared) -> torch.Tensor:
         """The request's output, its clean views filled from the cache."""
@@ -462,15 +375,13 @@ class SelectiveEncoder:
             out[where] = self.cache[rows].to(self.device, non_blocking=True).float()
         return out
 
-    def _encode_into(
-        self, targets: list[tuple[list[Any], int]], images: list[torch.Tensor]
-    ) -> None:
+    def _encode_into(self, parts: list[tuple[list[Any], np.ndarray, torch.Tensor]]) -> None:
         """Encode one batch and scatter its rows into the outputs of the requests they belong to.
 
         No device synchronisation: on a GPU `encode_seconds` is the host time to queue the
-        encoder's work, and the encoder overlaps with the next batch's pixel work."""
+        encoder's work, and the encoder overlaps with the next request's reading."""
         start = time.perf_counter()
-        batch = torch.stack(images).to(self.device, non_blocking=True)
+        batch = torch.cat([pixels for _, _, pixels in parts]) if len(parts) > 1 else parts[0][2]
         if self.encoder.training:
             self.encoder.eval()
         with torch.inference_mode(), autocast(self.device, self.precision):
@@ -478,15 +389,11 @@ class SelectiveEncoder:
         # `out` is an ordinary tensor: copying inference-mode results into it makes rows the
         # adapter can use in autograd.
         feats = feats.float()
-        rows: dict[int, tuple[list[Any], list[int], list[int]]] = {}
-        for i, (entry, position) in enumerate(targets):
-            rows.setdefault(id(entry), (entry, [], []))[1].append(i)
-            rows[id(entry)][2].append(position)
-        for entry, src, dst in rows.values():
-            out = entry[1]
-            out[torch.tensor(dst, device=self.device)] = feats[
-                torch.tensor(src, device=self.device)
-            ]
-            entry[2] -= len(src)
+        row = 0
+        for entry, positions, _ in parts:
+            n = positions.size
+            entry[1][torch.from_numpy(positions).to(self.device)] = feats[row : row + n]
+            entry[2] -= n
+            row += n
         self._counters["encode_seconds"] += time.perf_counter() - start
         self._counters["encoder_batches"] += 1

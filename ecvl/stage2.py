@@ -368,7 +368,7 @@ class Stage2Trainer:
             ``epoch``, ``mode``, ``steps``, ``draws``, ``lr`` (after the epoch);
             ``loss``, ``loss_cls``, ``loss_dcvl``: means over the epoch's draws (``loss_dcvl``
             is 0.0 with one view); ``views``, ``clean_views``, ``reencoded_views``,
-            ``reencoded_fraction``, ``encode_seconds``, ``pixel_wait_seconds`` (from the
+            ``reencoded_fraction``, ``encode_seconds``, ``pixel_seconds`` (from the
             encoder's counters, this epoch's training only); ``drawn_samples`` (distinct
             samples drawn); after the measurement pass (NaN for a mode without one):
             ``momentum_loss_mean`` (mean `Lm`), ``score_mean`` (0.5 by construction of eq. 9),
@@ -449,7 +449,7 @@ class Stage2Trainer:
             "reencoded_views": int(delta["reencoded_views"]),
             "reencoded_fraction": delta["reencoded_views"] / views if views else 0.0,
             "encode_seconds": float(delta["encode_seconds"]),
-            "pixel_wait_seconds": float(delta["pixel_wait_seconds"]),
+            "pixel_seconds": float(delta["pixel_seconds"]),
             "drawn_samples": int(np.unique(order).size),
             **self._score_stats(lm, m),
             "measure_seconds": measure_seconds,

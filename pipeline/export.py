@@ -66,6 +66,7 @@ from ecvl.evaluation import encode_loader
 from ecvl.models.clip import ClipBundle
 from ecvl.precision import resolve_precision
 from ecvl.text import class_text_features
+from ecvl.views import ViewRenderer
 from pipeline.artifacts import load_stage1, model_digest
 from pipeline.io import code_digest, fingerprint, replace, write_json
 from pipeline.params import Params
@@ -405,6 +406,7 @@ def _export_bank(
         world, lambda: (emb.bank_rows_written, emb.bank_shard_rows, emb.bank_views)
     )
     store = ImageStore(images)
+    renderer = ViewRenderer.for_model(encode.model)
     n = len(store)
     blocks = list(range(start, n, step))
     if start and world.is_main:
@@ -427,11 +429,10 @@ def _export_bank(
                 range(a, min(n, a + step)),
                 views,
                 seed,
-                encode.bundle.eval_transform,
+                renderer,
                 encode.device,
                 encode.precision,
                 encode.batch_size,
-                encode.num_workers,
             )
             encode.check_dim(feats.shape[2])
             yield feats.astype(np.float16), boxes, flips

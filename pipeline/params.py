@@ -255,7 +255,6 @@ class Stage2Params:
     measure_views: Literal[MEASURE_VIEWS] = "base"
     precision: Precision = "auto"
     encode_batch_size: int = field(default=256, metadata=bounds(ge=1, le=_BATCH_MAX))
-    augment_workers: int = field(default=0, metadata=bounds(ge=0, le=256))
     eval_batch_size: int = field(default=4096, metadata=bounds(ge=1, le=_BATCH_MAX))
     # where the view bank is read from: auto (memory when it fits cache_memory_gb, on the GPU
     # when training there and it fits the GPU too), always (memory), never (disk, per step)

@@ -34,6 +34,7 @@ from ecvl.modes import MODES
 from ecvl.precision import resolve_precision
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
+from ecvl.views import ViewRenderer
 from pipeline.artifacts import load_stage1, model_digest
 from pipeline.epochs import run_epochs, write_results
 from pipeline.io import atomic_dir, code_digest, fingerprint
@@ -243,11 +244,10 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         train.features,
         caches.store,
         inputs.bundle.model,
-        inputs.bundle.eval_transform,
+        ViewRenderer.for_model(inputs.bundle.model),
         inputs.device,
         precision=inputs.precision,
         batch_size=p.encode_batch_size,
-        num_workers=p.augment_workers,
         bank=caches.bank,
         cache_device=inputs.cache_device,
     )
@@ -281,28 +281,27 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
             evaluation.labels, pred, manifest.class_groups, manifest.num_classes
         )
 
-    with encoder:
-        rows = run_epochs(
-            f"stage2 {mode}",
-            p.epochs,
-            paths.checkpoints / f"stage2-{mode}.pt",
-            fingerprint(
-                inputs.run_digest,
-                mode,
-                to_plain(p),
-                params.base.seed,
-                inputs.precision,
-                params.export.bank_views,
-            ),
-            eval_split,
-            train=train,
-            state=lambda: {"trainer": trainer.state_dict()},
-            restore=lambda saved: trainer.load_state_dict(saved["trainer"]),
-            describe=lambda r: (
-                f"loss {r['loss']:.4f} (cls {r['loss_cls']:.4f}, dcvl {r['loss_dcvl']:.4f}) "
-                f"re-encoded {100 * r['reencoded_fraction']:.1f}%"
-            ),
-        )
+    rows = run_epochs(
+        f"stage2 {mode}",
+        p.epochs,
+        paths.checkpoints / f"stage2-{mode}.pt",
+        fingerprint(
+            inputs.run_digest,
+            mode,
+            to_plain(p),
+            params.base.seed,
+            inputs.precision,
+            params.export.bank_views,
+        ),
+        eval_split,
+        train=train,
+        state=lambda: {"trainer": trainer.state_dict()},
+        restore=lambda saved: trainer.load_state_dict(saved["trainer"]),
+        describe=lambda r: (
+            f"loss {r['loss']:.4f} (cls {r['loss_cls']:.4f}, dcvl {r['loss_dcvl']:.4f}) "
+            f"re-encoded {100 * r['reencoded_fraction']:.1f}%"
+        ),
+    )
     return trainer, rows
 
 

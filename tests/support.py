@@ -128,6 +128,7 @@ def cached_world(
     from ecvl.data.embeddings import ViewBank
     from ecvl.data.image_store import ImageStore, ImageStoreWriter
     from ecvl.models.clip import create_model
+    from ecvl.views import ViewRenderer
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -146,13 +147,14 @@ def cached_world(
     with torch.inference_mode():
         x = torch.stack([bundle.eval_transform(store.get_image(i)) for i in range(len(pixels))])
         cache = model.encode_image(x, normalize=False).numpy().astype(np.float16)
+    renderer = ViewRenderer.for_model(model)
     feats, boxes, flips = encode_bank_block(
         model,
         store,
         range(len(pixels)),
         bank_views,
         0,
-        bundle.eval_transform,
+        renderer,
         torch.device("cpu"),
         "fp32",
         batch_size=64,
@@ -161,6 +163,7 @@ def cached_world(
     return {
         "model": model,
         "transform": bundle.eval_transform,
+        "renderer": renderer,
         "store": store,
         "cache": cache,
         "bank": bank,

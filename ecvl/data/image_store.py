@@ -395,6 +395,22 @@ class ImageStore:
                 f"{self.path}: sample {idx} (key {self._keys[idx]!r}) does not decode: {err}"
             ) from err
 
+    def decode_pixels(self, i: int, data: bytes) -> np.ndarray:
+        """`decode`, as H×W×3 uint8 pixels; raw `.npy` members are viewed in place, no PIL.
+
+        Raises:
+            DataError: as `decode`.
+        """
+        idx = self._index(i)
+        if self._exts[idx] == RAW_EXT and sniff_format(data) == RAW_EXT:
+            try:
+                return decode_rgb(data)
+            except ValueError as err:
+                raise DataError(
+                    f"{self.path}: sample {idx} (key {self._keys[idx]!r}) does not decode: {err}"
+                ) from err
+        return np.asarray(self.decode(idx, data))
+
     def close(self) -> None:
         """Close this process's handle (reopened on the next read)."""
         if self._h5 is not None and self._pid == os.getpid():

@@ -4,16 +4,17 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 from scipy.stats import chisquare
 
 from ecvl.augment import (
     OP_NAMES,
     OPS,
     PlannedOp,
+    apply_base_view,
     apply_plan,
     plan_views,
-    standard_view_transform,
+    sample_base_view,
 )
 
 SIZE = 32
@@ -257,29 +258,15 @@ def test_plan_then_apply_end_to_end() -> None:
             assert out is img
 
 
-# --- standard view (ablation 2) --------------------------------------------------------------
+# --- base views --------------------------------------------------------------------------------
 
 
-def test_standard_view_transform() -> None:
-    img = _image()
-    a = standard_view_transform(img, rng=3)
-    b = standard_view_transform(img, rng=np.random.default_rng(3))
-    assert a.size == img.size and a.mode == img.mode
-    assert a.tobytes() == b.tobytes()
-    views = {standard_view_transform(img, rng=s).tobytes() for s in range(8)}
-    assert len(views) == 8
-    # Whole-image "crop" with certain flip is a plain mirror.
-    full = standard_view_transform(img, rng=0, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0)
-    assert full.tobytes() == ImageOps.mirror(img).tobytes()
-    same = standard_view_transform(img, rng=0, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
-    assert same.tobytes() == img.tobytes()
-
-
-def test_standard_view_fallback_and_validation() -> None:
+def test_base_view_fallback_and_validation() -> None:
     wide = _image().resize((64, 8))
-    out = standard_view_transform(wide, rng=0, scale=(0.9, 1.0), ratio=(1.0, 1.0))
-    assert out.size == (64, 8)
+    box, flip = sample_base_view(wide.size, 0, scale=(0.9, 1.0), ratio=(1.0, 1.0))
+    assert box == (28, 0, 36, 8)  # no 0.9-area square fits: the centre crop at ratio 1
+    assert apply_base_view(wide, box, flip).size == (64, 8)
     with pytest.raises(ValueError, match="scale"):
-        standard_view_transform(wide, rng=0, scale=(0.0, 1.0))
+        sample_base_view(wide.size, 0, scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="flip_p"):
-        standard_view_transform(wide, rng=0, flip_p=2.0)
+        sample_base_view(wide.size, 0, flip_p=2.0)

@@ -68,7 +68,7 @@ def make_trainer(world, cfg, cache=None, bank="world", **enc_kw):
         world["cache"] if cache is None else cache,
         world["store"],
         counting,
-        world["transform"],
+        world["renderer"],
         "cpu",
         bank=world["bank"] if bank == "world" else bank,
         **enc_kw,
@@ -185,7 +185,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(world, tmp_path):
     first.train_epoch(progress=False)
     torch.save(first.state_dict(), tmp_path / "stage2.pt")
     state = torch.load(tmp_path / "stage2.pt", weights_only=True)
-    resumed, _ = make_trainer(world, cfg, num_workers=2)  # threads change nothing
+    resumed, _ = make_trainer(world, cfg)
     resumed.load_state_dict(state)
     assert resumed.epoch == 1
     stats_resumed = resumed.train_epoch(progress=False)

@@ -16,6 +16,7 @@ from ecvl.models.adapter import ResidualAdapter
 from ecvl.precision import resolve_precision
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import predict_cached
+from ecvl.views import ViewRenderer
 from pipeline.artifacts import load_stage1
 from pipeline.cli import STAGES, main
 from support import write_params
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.gpu
 SECTIONS = {
     "stage1": {"epochs": 3, "batch_size": 32, "eval_batch_size": 64},
     "export": {"batch_size": 64},
-    "stage2": {"epochs": 2, "batch_size": 32, "encode_batch_size": 64, "augment_workers": 2},
+    "stage2": {"epochs": 2, "batch_size": 32, "encode_batch_size": 64},
     "evaluate": {"batch_size": 256},
 }
 
@@ -76,14 +77,13 @@ def test_clean_views_reencoded_on_cuda_equal_their_cache_rows(runs):
         train.features,
         store,
         bundle.model,
-        bundle.eval_transform,
+        ViewRenderer.for_model(bundle.model),
         device,
         emb.precision,
         batch_size=64,
     )
-    with enc:
-        idx = np.arange(min(64, len(train.labels)))
-        feats, n = enc.encode_views(idx, reencode_all=True)
+    idx = np.arange(min(64, len(train.labels)))
+    feats, n = enc.encode_views(idx, reencode_all=True)
     assert n == idx.size
     cached = torch.from_numpy(np.asarray(train.features[idx])).float()
     torch.testing.assert_close(feats.cpu(), cached, rtol=2e-2, atol=2e-2)

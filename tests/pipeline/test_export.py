@@ -15,7 +15,6 @@ import torch
 from click.testing import CliRunner
 
 import ecvl.data.embeddings
-from ecvl.augment import apply_base_view
 from ecvl.data.embeddings import open_embeddings
 from ecvl.data.image_store import ImageStore
 from ecvl.data.reader import iter_samples
@@ -23,6 +22,7 @@ from ecvl.data.shards import load_manifest
 from ecvl.data.sources import DigitsSource
 from ecvl.models.clip import create_model
 from ecvl.text import class_text_features
+from ecvl.views import ViewRenderer, stack_pixels
 from pipeline.cli import main
 from support import edited_model_copy, upstream_paths, write_params
 
@@ -326,12 +326,13 @@ def test_the_bank_holds_base_views_rebuilt_exactly_from_the_image_store(exported
     store = ImageStore(exported / "data/train_images.h5")
     encoder = create_model("ecvl-tiny-vit", pretrained=emb.attrs["model_dir"])  # stage I's
     rows, entries = np.array([0, 5, n - 1]), np.array([7, 0, 3])
-    views = []
-    for i, e in zip(rows, entries, strict=True):
-        box, flip = bank.base_view(int(i), int(e))
-        views.append(encoder.eval_transform(apply_base_view(store.get_image(int(i)), box, flip)))
+    renderer = ViewRenderer.for_model(encoder.model)
+    pixels = [store.decode_pixels(int(i), store.get_bytes(int(i))) for i in rows]
+    boxes, flips = bank.boxes[rows, entries], bank.flips[rows, entries]
+    plan = renderer.source_boxes([p.shape[:2] for p in pixels], boxes, flips)
     with torch.no_grad():
-        direct = encoder.model.eval().encode_image(torch.stack(views)).numpy()
+        views = renderer.render(stack_pixels(pixels), plan)
+        direct = encoder.model.eval().encode_image(views).numpy()
     np.testing.assert_allclose(
         bank.rows(rows, entries).astype(np.float32), direct, rtol=2e-3, atol=2e-3
     )
