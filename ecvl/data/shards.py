@@ -25,7 +25,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ecvl.data.pixels import ENCODINGS, MAX_RAW_SIDE, RAW_EXT, encode_npy
+from ecvl.data.pixels import ENCODINGS, MAX_RAW_SIDE, RAW_EXT, encode_npy, to_rgb
 from ecvl.data.sources import PIL_FORMATS, Split
 from ecvl.errors import DataError, EcvlError
 
@@ -112,7 +112,7 @@ def image_member(split: Split, i: int, encoding: str) -> tuple[bytes, str]:
         return data, ext
     with open_image(data, ext) as im:
         try:
-            pixels = np.asarray(im.convert("RGB"))
+            pixels = np.asarray(to_rgb(im))
         except Exception as e:  # truncated or corrupt pixel data
             raise ValueError(f"cannot decode {im.format} image: {e}") from None
     return encode_npy(pixels), RAW_EXT
