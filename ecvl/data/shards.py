@@ -49,6 +49,9 @@ class SplitShards:
     bad: list[dict] = field(default_factory=list)
     fingerprint: str = ""
     encoding: str = "png"
+    # SHA-256 of every written image member, in order: `ecvl shard` compares the splits
+    # (the same bytes in train and test is leakage). Not part of the manifest.
+    digests: list[bytes] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict:
         return {
@@ -170,7 +173,9 @@ def write_split_shards(
                     "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
                 }
             )
-            digest.update(f"{key}\t{label}\t".encode() + hashlib.sha256(data).digest())
+            member_digest = hashlib.sha256(data).digest()
+            digest.update(f"{key}\t{label}\t".encode() + member_digest)
+            result.digests.append(member_digest)
             result.count += 1
             result.per_class[label] += 1
     sizes = [maxcount] * (result.count // maxcount) + [result.count % maxcount] * bool(

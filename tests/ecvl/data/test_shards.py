@@ -23,6 +23,7 @@ from ecvl.data.reader import (
 )
 from ecvl.data.shards import (
     SHARD_MTIME,
+    image_member,
     load_manifest,
     write_manifest,
     write_split_shards,
@@ -407,3 +408,9 @@ def test_a_manifest_that_is_not_an_object_or_not_utf8_is_one_error(tmp_path):
     with pytest.raises(DataError, match=r"meta.json: not UTF-8 text \(byte 7 is 0xe9\)"):
         load_manifest(out)
 
+
+def test_leakage_digests_are_one_per_written_image(tmp_path):
+    split = _split(6)
+    _, res = _write(tmp_path, split)
+    assert len(res.digests) == 6
+    assert res.digests[0] == hashlib.sha256(image_member(split, 0, "png")[0]).digest()
