@@ -375,7 +375,7 @@ CASES: list[Case] = [
         "binary-params",
         "a binary file as params",
         bytes(range(256)) * 4,
-        "params.yaml: not a text file (byte 128 is not UTF-8); give a YAML params file",
+        "params.yaml: not UTF-8 text (byte 128 is 0x80); save it as UTF-8",
     ),
     raw_params(
         "params-is-dir",
