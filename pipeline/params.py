@@ -22,6 +22,7 @@ from ecvl.data.textfiles import decode_text, shorten
 from ecvl.data.transforms import TRAIN_AUGMENTS
 from ecvl.errors import DataError
 from ecvl.modes import MEASURE_VIEWS, MODES, MOMENTUM_LOSSES
+from pipeline.outputs import check_overlaps
 from pipeline.schema import ParamsError, bounds, build, show
 
 
@@ -319,6 +320,7 @@ class Params:
                 f"{where}.package.mode: {self.package.mode!r} is not trained "
                 f"(stage2.modes: {', '.join(self.stage2.modes)}); ship one of those"
             )
+        check_overlaps(self, where)
 
 
 PARAMS_MAX_BYTES = 1 << 20  # a params file is a few kB; a larger one is a wrong file

@@ -1,11 +1,13 @@
 """Bad params stop before any work with one line naming the key, exit code 2."""
 
+from dataclasses import fields
+
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.params import Params, load_params
+from pipeline.params import Params, PathsParams, load_params
 from pipeline.schema import ParamsError
 from support import write_params
 
@@ -204,6 +206,40 @@ def test_a_params_file_may_start_with_a_bom_and_must_be_utf8(tmp_path):
     path.write_bytes(path.read_text(encoding="utf-8-sig").encode("utf-16"))
     with pytest.raises(ParamsError, match="UTF-16 text"):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        (
+            {"classifier": "models"},
+            "paths.classifier: models contains paths.stage1 (models/stage1)",
+        ),
+        ({"stage2": "models/stage1/heads"}, "paths.stage2: models/stage1/heads lies inside "),
+        ({"shards": "imgs"}, "paths.shards: imgs is the same path as shard.source.root"),
+        ({"shards": "."}, "paths.shards: . contains paths.raw"),
+        (
+            {"image_store": "data/embeddings.zarr"},
+            "paths.image_store: data/embeddings.zarr is the same path as paths.embeddings",
+        ),
+        ({"metrics": "data/shards"}, "paths.metrics: data/shards/stage1.json lies inside paths"),
+        ({"raw": "data"}, "paths.shards: data/shards lies inside paths.raw (data)"),
+    ],
+)
+def test_overlapping_paths_are_refused_whichever_stage_runs(tmp_path, monkeypatch, paths, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    defaults = {f.name: str(getattr(PathsParams(), f.name)) for f in fields(PathsParams)}
+    params = write_params(
+        tmp_path,
+        paths={**defaults, **paths},
+        shard={"source": {"name": "imagefolder", "root": "imgs"}},
+    )
+    for stage in ("shard", "package"):
+        result = CliRunner().invoke(main, [stage, "--params", str(params)])
+        assert result.exit_code == 2, result.output
+        assert f"params.yaml: {message}" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "params.yaml"]
 
 
 def test_a_list_as_source_name_is_one_line(tmp_path):
