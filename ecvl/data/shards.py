@@ -328,8 +328,8 @@ def check_manifest(data: dict, path: Path) -> None:
         if len(per_class) != k:
             fail(
                 f"{where}.per_class",
-                f"{len(per_class)} counts, but `classes` names {k} classes (the shards hold "
-                "labels the class list does not have)"
+                f"{len(per_class)} counts, but `classes` names only {k} classes, so the shards "
+                "hold labels without a name"
                 if len(per_class) > k
                 else f"{len(per_class)} counts for {k} classes",
             )

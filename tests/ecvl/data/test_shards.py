@@ -377,7 +377,7 @@ def _edited_manifest(tmp_path, edit):
         (lambda d: d.pop("classes"), "classes: missing"),
         (
             lambda d: d.update(classes=["a", "b"]),
-            r"splits.train.per_class: 3 counts, but `classes`",
+            r"splits.train.per_class: 3 counts, but `classes` names only 2",
         ),
         (lambda d: d["splits"]["train"].pop("shards"), "splits.train.shards: missing"),
         (
