@@ -335,11 +335,14 @@ def write_text(path: Path | str, text: str) -> None:
 
 
 def save_checkpoint(path: Path | str, payload: dict) -> None:
-    """Atomically `torch.save` a checkpoint (a kill mid-write keeps the previous one)."""
+    """Atomically `torch.save` a checkpoint (a kill mid-write keeps the previous one).
+
+    Saved through a Python file object: torch's own file writer reports a full disk as an
+    "unexpected pos" RuntimeError, Python's as the OSError it is (one line in the CLI)."""
     import torch
 
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: Path | str, fingerprint: str) -> dict | None:

@@ -533,6 +533,26 @@ def predictions_on_stdout(d, output):
     assert not (d / "predictions.csv").exists() and not (d / "-").exists()
 
 
+def into_devices(device: str) -> Callable:
+    """`--out <device>`, with a safety net: the tests may run as root, where a rename onto
+    `/dev/...` would replace the machine's device, so any such rename or removal fails the
+    case instead of happening."""
+
+    def prepare(d, mp):
+        for name in ("replace", "rename", "unlink", "remove"):
+            real = getattr(os, name)
+
+            def guarded(*args, _real=real, _name=name, **kwargs):
+                if any(str(a).startswith(("/dev/", "/proc/")) for a in args):
+                    raise AssertionError(f"os.{_name}{args} would change a system path")
+                return _real(*args, **kwargs)
+
+            mp.setattr(os, name, guarded)
+        return ["photos", "--out", device]
+
+    return prepare
+
+
 def devices_untouched(d, output):
     assert Path("/dev/stdout").is_symlink() and Path("/dev/null").is_char_device()
     assert not (d / "predictions.csv").exists()
@@ -1375,7 +1395,7 @@ CASES: list[Case] = [
         "predict",
         0,
         "— (written into as a stream; neither is replaced)",
-        predicting(lambda d, mp: ["photos", "--out", "/dev/stdout"]),
+        predicting(into_devices("/dev/stdout")),
         check=devices_untouched,
     ),
     Case(
@@ -1384,7 +1404,7 @@ CASES: list[Case] = [
         "predict",
         0,
         "— (written into as a stream; neither is replaced)",
-        predicting(lambda d, mp: ["photos", "--out", "/dev/null"]),
+        predicting(into_devices("/dev/null")),
         check=devices_untouched,
     ),
     Case(

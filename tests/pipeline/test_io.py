@@ -19,6 +19,7 @@ from pipeline.io import (
     check_writable,
     kind_of,
     replace,
+    save_checkpoint,
     write_csv,
     write_json,
     write_text,
@@ -159,3 +160,23 @@ def test_checks_before_work_name_the_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(OutputError, match="is not writable|read-only"):
         check_writable(tmp_path / "out" / "x.csv")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_while_checkpointing_is_an_oserror_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    opened = Path.open
+
+    def full(self, mode="r", *args, **kwargs):  # the temp file's writes hit a full device
+        if "w" in mode and self.name.startswith(".ckpt.pt.tmp-"):
+            return opened(Path("/dev/full"), mode, *args, **kwargs)
+        return opened(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(tmp_path / "ckpt.pt", {"w": torch.zeros(100_000)})
+    assert caught.value.errno == errno.ENOSPC  # not torch's "unexpected pos" RuntimeError
+    assert list(tmp_path.iterdir()) == []
