@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
-from ecvl.errors import ModelError
+from ecvl.data.textfiles import read_json
+from ecvl.errors import EcvlError, ModelError
 from ecvl.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
 from ecvl.models.clip import LOCAL_DIR_CONFIG
 from ecvl.models.heads import class_logits
@@ -175,13 +176,79 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"{path} is not a packaged classifier (no {CONFIG}; `ecvl package` writes one)"
         )
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        config = read_json(config_path)
+    except (OSError, EcvlError) as e:
         raise ModelError(f"{config_path}: not readable JSON ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else None
         raise ModelError(f"{config_path}: format {found!r}, expected {FORMAT!r}")
     return config
+
+
+def _check_parts(
+    path: Path,
+    backbone: Path,
+    backbone_cfg: Any,
+    preprocess_cfg: Any,
+    head: nn.Module,
+    text: torch.Tensor,
+    num_classes: int,
+) -> None:
+    """The parts of a classifier directory against each other, before the backbone is built: a
+    backbone copied in from another model, or a `preprocess.json` edited by hand, would
+    otherwise fail in the first forward pass with a tensor-size error, or not fail at all.
+
+    Raises:
+        ModelError: naming both files and the field that disagree.
+    """
+    redo = "(the parts come from different models; re-run `ecvl package`)"
+    backbone_file = backbone / LOCAL_DIR_CONFIG
+    model_cfg = backbone_cfg.get("model_cfg") if isinstance(backbone_cfg, dict) else None
+    if not isinstance(model_cfg, dict) or not isinstance(preprocess_cfg, dict):
+        raise ModelError(
+            f"{path}: incomplete or broken classifier ({backbone_file} or {PREPROCESS})"
+        )
+    width = getattr(head, "dim", None)
+    adapter_file = path / ADAPTER_CONFIG
+    if width is not None and width != text.shape[1]:
+        raise ModelError(
+            f"{adapter_file}: dim {width}, but {path / TEXT_FEATURES}: width {text.shape[1]} {redo}"
+        )
+    embed_dim = model_cfg.get("embed_dim")
+    if width is not None and embed_dim is not None and width != embed_dim:
+        raise ModelError(
+            f"{adapter_file}: dim {width}, but {backbone_file}: model_cfg.embed_dim {embed_dim} "
+            f"{redo}"
+        )
+    head_classes = getattr(head, "num_classes", None)
+    if head_classes is not None and head_classes != num_classes:
+        raise ModelError(
+            f"{adapter_file}: num_classes {head_classes}, but {path / CONFIG}: {num_classes} "
+            f"classes {redo}"
+        )
+    packaged = backbone_cfg.get("preprocess_cfg") or {}
+    for key in sorted(set(preprocess_cfg) | set(packaged)):
+        if _plain(preprocess_cfg.get(key)) != _plain(packaged.get(key)):
+            raise ModelError(
+                f"{path / PREPROCESS}: {key} {preprocess_cfg.get(key)!r}, but {backbone_file}: "
+                f"preprocess_cfg.{key} {packaged.get(key)!r} (edited by hand? re-run `ecvl "
+                "package`)"
+            )
+    image_size = (model_cfg.get("vision_cfg") or {}).get("image_size")
+    size = preprocess_cfg.get("size")
+    if image_size is not None and size is not None and _side(size) != _side(image_size):
+        raise ModelError(
+            f"{path / PREPROCESS}: size {size!r}, but {backbone_file}: "
+            f"model_cfg.vision_cfg.image_size {image_size!r} {redo}"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def _side(size: Any) -> tuple:
+    return tuple(size) if isinstance(size, list | tuple) else (size, size)
 
 
 def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Classifier:
@@ -207,15 +274,20 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
         classes = [str(c) for c in config["classes"]]
         feature_dtype = _FEATURE_DTYPES[config["feature_dtype"]]
         backbone = path / config["backbone"]
-        preprocess_cfg = json.loads((path / PREPROCESS).read_text(encoding="utf-8"))
+        preprocess_cfg = read_json(path / PREPROCESS)
+        backbone_cfg = read_json(backbone / LOCAL_DIR_CONFIG)
         text = safetensors.torch.load_file(str(path / TEXT_FEATURES))["text_features"]
     except Exception as e:  # a missing key or file, broken JSON, safetensors' own error type
         raise ModelError(
             f"{path}: incomplete or broken classifier ({type(e).__name__}: {e})"
         ) from None
-    if text.shape[0] != len(classes):
-        raise ModelError(f"{path}: {text.shape[0]} text embeddings for {len(classes)} classes")
+    if text.dim() != 2 or text.shape[0] != len(classes):
+        raise ModelError(
+            f"{path / TEXT_FEATURES}: shape {tuple(text.shape)}, but {path / CONFIG} names "
+            f"{len(classes)} classes (re-run `ecvl package`)"
+        )
     head = load_adapter(path)
+    _check_parts(path, backbone, backbone_cfg, preprocess_cfg, head, text, len(classes))
     try:
         model = open_clip.create_model(f"local-dir:{backbone}", device="cpu", weights_only=True)
         cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocess_cfg.items()}

@@ -1,11 +1,13 @@
 """The `ecvl` command: one subcommand per DVC stage, each `ecvl <stage> --params params.yaml`.
 
-Exit codes: 0 success; 1 a data, model or training problem (one line, no traceback);
-2 bad params or usage (one line naming the key); 130 interrupted.
+Exit codes: 0 success; 1 a data, model or training problem, an output that may not be
+replaced, or a file-system error (one line, no traceback); 2 bad params or usage (one line
+naming the key); 130 interrupted.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -17,6 +19,7 @@ from pathlib import Path
 import click
 
 from ecvl.errors import DeviceError, EcvlError
+from pipeline.outputs import check_stage_outputs, stage_outputs
 from pipeline.params import Params, load_params
 from pipeline.runtime import set_openmp_wait_policy
 from pipeline.schema import ParamsError
@@ -33,9 +36,64 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+MAX_LINE = 1000  # no message may flood a terminal or a log
+
+
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    line = " ".join(message.split())  # one line, whatever a library put in it
+    if len(line) > MAX_LINE:
+        line = f"{line[: MAX_LINE - 40]}… ({len(line):,} characters)"
+    click.echo(f"error: {line}", err=True)
     sys.exit(code)
+
+
+# File-system errors a user can act on, and what to do. Any other OSError is a bug: it keeps
+# its traceback.
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
+    errno.EFBIG: ("file too large for the file system", "write elsewhere"),
+    errno.EROFS: ("read-only file system", "write elsewhere"),
+    errno.EACCES: ("permission denied", "fix the permissions or write elsewhere"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or write elsewhere"),
+    errno.ENOTDIR: ("a file is where a folder belongs", "move the file away or change the path"),
+    errno.EEXIST: ("a file is where a folder belongs", "move the file away or change the path"),
+    errno.EISDIR: ("a folder is where a file belongs", "move the folder away or change the path"),
+    errno.EIO: ("input/output error", "check the disk or network file system"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or use fewer workers"),
+    errno.ENFILE: ("too many open files", "raise the limit (ulimit -n) or use fewer workers"),
+}
+# How wrapped errors carry an OS error number: Rust's (safetensors), HDF5's (h5py), and
+# Python's own in the text of an error re-raised from a DataLoader worker.
+_ERRNO_IN_TEXT = re.compile(r"Os \{ code: (\d+)|errno = (\d+)|\[Errno (\d+)\]")
+_TEMP_NAME = re.compile(r"(^|/)\.([^/]+)\.tmp-[^/]*")
+
+
+def _unhide(match: re.Match) -> str:
+    return match.group(1) + match.group(2)
+
+
+def os_error_line(error: BaseException, output: object = None) -> str | None:
+    """One line for a file-system error the user can act on (disk full, read-only, permission
+    denied, a file where a folder belongs, ...), found in `error` or what caused it; None for
+    any other error, which is then a bug. `output` names what was being written when the
+    error itself names no file. Temporary names (`.shards.tmp-x1y2`) are shown as the output
+    they were to become: the temporary files are already removed."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        number = getattr(error, "errno", None) if isinstance(error, OSError) else None
+        if number not in _OS_ERRORS:
+            match = _ERRNO_IN_TEXT.search(str(error))
+            number = int(next(g for g in match.groups() if g)) if match else None
+        if number in _OS_ERRORS:
+            what, todo = _OS_ERRORS[number]
+            name = getattr(error, "filename", None) or output
+            where = f": {_TEMP_NAME.sub(_unhide, str(name))}" if name else ""
+            return f"{what}{where}; {todo} (outputs are replaced only when complete)"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def one_line(error: Exception) -> str:
@@ -62,6 +120,7 @@ def run_loaded_stage(stage: str, params: Params) -> None:
     set_openmp_wait_policy(stage, params.base.num_workers)  # before the stage imports torch
     module = importlib.import_module(f"pipeline.{stage}")
     try:
+        check_stage_outputs(stage, params)
         module.run(params)
     except ParamsError as e:
         _fail(str(e), 2)
@@ -69,6 +128,12 @@ def run_loaded_stage(stage: str, params: Params) -> None:
         _fail(f"{stage}: {one_line(e)}", 1)
     except KeyboardInterrupt:
         _fail(f"{stage}: interrupted; outputs were left as they were", 130)
+    except Exception as e:
+        first_output = stage_outputs(stage, params.paths, params.stage2.modes)[0][1]
+        line = os_error_line(e, first_output)
+        if line is None:
+            raise
+        _fail(f"{stage}: {line}", 1)
 
 
 def _params_option(help_text: str) -> Callable:
@@ -154,6 +219,11 @@ def seeds(params_path: str, seeds: str, out: str, verbose: bool) -> None:
         _fail(f"seeds: {one_line(e)}", 1)
     except KeyboardInterrupt:
         _fail("seeds: interrupted; finished seeds and stage checkpoints are kept", 130)
+    except Exception as e:
+        line = os_error_line(e, out)
+        if line is None:
+            raise
+        _fail(f"seeds: {line}", 1)
 
 
 @main.command()
@@ -166,7 +236,11 @@ def seeds(params_path: str, seeds: str, out: str, verbose: bool) -> None:
     help="A classifier directory written by `ecvl package`.",
 )
 @click.option(
-    "--out", default="predictions.csv", show_default=True, help="Output file (written atomically)."
+    "--out",
+    default="predictions.csv",
+    show_default=True,
+    help="Output file, written atomically; it replaces only an earlier predictions file, never "
+    "a folder or another file. - writes to standard output; a symbolic link is written through.",
 )
 @click.option("--top-k", default=5, show_default=True, help="Classes per image (at most K).")
 @click.option(
@@ -253,9 +327,14 @@ def predict(
             progress=progress,
         )
     except EcvlError as e:
-        _fail(f"predict: {e}", 1)
+        _fail(f"predict: {one_line(e)}", 1)
     except KeyboardInterrupt:
         _fail(f"predict: interrupted; {out} was left as it was", 130)
+    except Exception as e:
+        line = os_error_line(e, out)
+        if line is None:
+            raise
+        _fail(f"predict: {line}", 1)
 
 
 if __name__ == "__main__":

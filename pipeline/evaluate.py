@@ -10,7 +10,6 @@ class's mean memorisation score against its train count (`class_scores.png`).
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -19,6 +18,7 @@ import yaml
 
 from ecvl.data.embeddings import open_embeddings
 from ecvl.data.shards import load_manifest
+from ecvl.data.textfiles import read_json
 from ecvl.distributed import resolve_device
 from ecvl.errors import DataError
 from ecvl.evaluation import evaluate_clip
@@ -28,6 +28,7 @@ from ecvl.models.adapter import load_adapter
 from ecvl.models.clip import create_model
 from ecvl.precision import resolve_precision
 from ecvl.stage2 import predict_cached
+from pipeline.artifacts import check_embeddings, check_heads
 from pipeline.io import atomic_file, write_csv, write_json, write_text
 from pipeline.params import Params
 from pipeline.schema import to_plain
@@ -56,7 +57,9 @@ def run(params: Params) -> None:
     groups = manifest.class_groups
     k = manifest.num_classes
 
+    check_embeddings(emb, manifest, paths.embeddings, paths.shards)
     adapters = _load_adapters(params)  # checked before any (slow) zero-shot pass
+    check_heads(adapters, emb.embed_dim, k, paths.stage2, paths.embeddings)
     predictions: dict[str, dict[str, np.ndarray]] = {s: {} for s in splits}
     truth = {s: emb.split(s).labels for s in splits}
     if p.zero_shot:
@@ -139,7 +142,9 @@ def _load_adapters(params: Params) -> dict:
         path = root / mode / "adapter.json"
         if not path.is_file():
             raise DataError(f"{path}: not found: mode {mode!r} not trained (run `ecvl stage2`)")
-        records[mode] = json.loads(path.read_text())
+        records[mode] = read_json(path)
+        if not isinstance(records[mode], dict):
+            raise DataError(f"{path}: not the record `ecvl stage2` writes (re-run it)")
     runs = {mode: info.get("run") for mode, info in records.items()}
     if None in runs.values() or len(set(runs.values())) > 1:
         raise DataError(

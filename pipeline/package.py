@@ -9,7 +9,6 @@ count of every class, and that head's rows of `metrics/eval.json`. Written atomi
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -17,10 +16,11 @@ import numpy as np
 from ecvl.classifier import write_classifier
 from ecvl.data.embeddings import open_embeddings
 from ecvl.data.shards import Manifest, load_manifest
+from ecvl.data.textfiles import read_json
 from ecvl.errors import DataError, ModelError
 from ecvl.metrics import SUMMARY_KEYS
 from ecvl.models.adapter import ADAPTER_CONFIG
-from pipeline.artifacts import model_digest
+from pipeline.artifacts import check_embeddings, model_digest, read_stage1_info
 from pipeline.evaluate import ROW_NAMES
 from pipeline.io import atomic_dir
 from pipeline.params import Params
@@ -40,17 +40,13 @@ def run(params: Params) -> None:
     paths, mode = params.paths, params.package.mode
     manifest = load_manifest(paths.shards)
     emb = open_embeddings(paths.embeddings)
-    info_path = paths.stage1 / "ecvl.json"
-    if not info_path.is_file():
-        raise ModelError(f"stage-I model not found: {info_path} (run `ecvl stage1` first)")
-    stage1 = json.loads(info_path.read_text())
+    stage1 = read_stage1_info(paths.stage1)
     if emb.checkpoint_digest != model_digest(paths.stage1):
         raise DataError(
             f"{paths.embeddings} was exported from another stage-I model than {paths.stage1} "
             "(re-run `ecvl export`)"
         )
-    if list(emb.classes) != list(manifest.classes):
-        raise DataError(f"{paths.embeddings} and {paths.shards} have different classes")
+    check_embeddings(emb, manifest, paths.embeddings, paths.shards)
     head_dir = paths.stage2 / mode
     if not (head_dir / ADAPTER_CONFIG).is_file():
         raise ModelError(f"no trained {mode!r} head in {head_dir} (run `ecvl stage2`)")
@@ -89,8 +85,10 @@ def _metrics(path, mode: str) -> dict[str, dict]:
     """The shipped head's row of every evaluated split."""
     if not path.is_file():
         raise DataError(f"{path} not found (run `ecvl evaluate` first)")
-    data = json.loads(path.read_text())
+    data = read_json(path)
     row = f"stage2_{mode}"
+    if not isinstance(data, dict) or not all(isinstance(r, dict) for r in data.values()):
+        raise DataError(f"{path}: not the metrics `ecvl evaluate` writes (re-run it)")
     out = {split: rows[row] for split, rows in data.items() if row in rows}
     if not out:
         raise DataError(f"{path} has no {row!r} row (re-run `ecvl evaluate`)")

@@ -18,9 +18,12 @@ import yaml
 from ecvl.augment import OP_NAMES
 from ecvl.data.pixels import ENCODINGS
 from ecvl.data.sources import SOURCES, default_prompt_templates
+from ecvl.data.textfiles import decode_text, shorten
 from ecvl.data.transforms import TRAIN_AUGMENTS
+from ecvl.errors import DataError
 from ecvl.modes import MEASURE_VIEWS, MODES, MOMENTUM_LOSSES
-from pipeline.schema import ParamsError, bounds, build
+from pipeline.outputs import check_overlaps
+from pipeline.schema import ParamsError, bounds, build, show
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class BaseParams:
     def check(self, where: str) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ParamsError(
-                f"{where}.device: must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+                f"{where}.device: must be auto, cpu, cuda, cuda:N or mps, got {show(self.device)}"
             )
         check_device_available(self.device, f"{where}.device")
 
@@ -85,13 +88,14 @@ class PathsParams:
 def parse_source(value: Any, where: str) -> Any:
     """A `{name: <source>, ...options}` mapping → that source's frozen config object."""
     if not isinstance(value, dict):
-        raise ParamsError(f"{where}: must be a mapping with a `name` key, got {value!r}")
+        raise ParamsError(f"{where}: must be a mapping with a `name` key, got {show(value)}")
     if "name" not in value:
         raise ParamsError(f"{where}.name: missing required key (one of {', '.join(SOURCES)})")
     name = value["name"]
-    if name not in SOURCES:
+    if not isinstance(name, str) or name not in SOURCES:
+        what = "unknown source" if isinstance(name, str) else "must be a source name, got"
         raise ParamsError(
-            f"{where}.name: unknown source {name!r} (known: {', '.join(sorted(SOURCES))})"
+            f"{where}.name: {what} {show(name)} (known: {', '.join(sorted(SOURCES))})"
         )
     options = {k: v for k, v in value.items() if k != "name"}
     config = build(SOURCES[name], options, where)
@@ -143,7 +147,7 @@ def _check_templates(templates: tuple[str, ...], where: str) -> None:
         raise ParamsError(f"{where}: give at least one template")
     for i, t in enumerate(templates):
         if t.count("{}") != 1:
-            raise ParamsError(f"{where}[{i}]: must contain exactly one {{}}, got {t!r}")
+            raise ParamsError(f"{where}[{i}]: must contain exactly one {{}}, got {show(t)}")
 
 
 @dataclass(frozen=True)
@@ -315,6 +319,49 @@ class Params:
                 f"{where}.package.mode: {self.package.mode!r} is not trained "
                 f"(stage2.modes: {', '.join(self.stage2.modes)}); ship one of those"
             )
+        check_overlaps(self, where)
+
+
+PARAMS_MAX_BYTES = 1 << 20  # a params file is a few kB; a larger one is a wrong file
+
+
+class _Refused(Exception):
+    """A params document the strict loader refuses (a duplicate key, an alias)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter where a silent choice would hurt.
+
+    A duplicate key (`seed: 7` then `seed: 0`, or a second `shard:` section pasted at the end)
+    is refused instead of the last one silently winning. Aliases (`*name`) are refused before
+    anything is built: a few kB of nested aliases expand to gigabytes (a "billion laughs"),
+    and no ECVL param needs one.
+    """
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(
+                f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                "allowed in params; write the value out"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = lines.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise _Refused(
+                        f"duplicate key {show(key)} at lines {first} and "
+                        f"{key_node.start_mark.line + 1}; keep one"
+                    )
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_params(path: Path | str) -> Params:
@@ -322,7 +369,8 @@ def load_params(path: Path | str) -> Params:
 
     Raises:
         ParamsError: missing or unparsable file, unknown key, wrong type, value out of range,
-            missing input file. The message names the file and the dotted key.
+            missing input file, a duplicate key or an alias, overlapping paths. The message
+            names the file and the dotted key.
     """
     path = Path(path)
     if path.is_dir():
@@ -330,19 +378,28 @@ def load_params(path: Path | str) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ParamsError(
-            f"{path}: not a text file (byte {e.start} is not UTF-8); give a YAML params file"
-        ) from None
+        size = path.stat().st_size
+        if size > PARAMS_MAX_BYTES:
+            raise ParamsError(
+                f"{path}: {size:,} bytes, more than a params file can be "
+                f"({PARAMS_MAX_BYTES:,}); give the YAML params file"
+            )
+        data = path.read_bytes()
     except OSError as e:
         raise ParamsError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text)
+        text = decode_text(data, str(path))
+    except DataError as e:
+        raise ParamsError(str(e)) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except _Refused as e:
+        raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ParamsError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        problem = shorten(str(getattr(e, "problem", None) or e))
+        raise ParamsError(f"{path}: not valid YAML{at}: {problem}") from None
     if data is None:  # an empty (or comments-only) file would silently run on built-in defaults
         raise ParamsError(f"{path}: the params file is empty; start from the shipped params.yaml")
     try:

@@ -16,9 +16,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from ecvl.data.textfiles import shorten
+
 
 class ParamsError(Exception):
     """A params value the user must fix; the message starts with the dotted key."""
+
+
+def show(value: Any) -> str:
+    """`repr(value)` for a message, cut to a few hundred characters: a value pasted by mistake
+    (a whole file, a long list) must not turn the one-line error into megabytes."""
+    return shorten(repr(value))
 
 
 def bounds(
@@ -72,42 +80,44 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
             except ParamsError:
                 if len(args) == 2:
                     raise
-        _fail(where, f"must be {_type_name(tp)}, got {value!r}")
+        _fail(where, f"must be {_type_name(tp)}, got {show(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
             hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            _fail(where, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{extra}")
+            _fail(
+                where, f"must be one of {', '.join(map(repr, choices))}, got {show(value)}{extra}"
+            )
         return value
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
-            _fail(where, f"must be a list, got {value!r}")
+            _fail(where, f"must be a list, got {show(value)}")
         (item_tp, *_) = typing.get_args(tp)
         return tuple(coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            _fail(where, f"must be true or false, got {value!r}")
+            _fail(where, f"must be true or false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(where, f"must be an integer, got {value!r}")
+            _fail(where, f"must be an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            _fail(where, f"must be a number, got {value!r}")
+            _fail(where, f"must be a number, got {show(value)}")
         if not math.isfinite(value):  # YAML's .inf / .nan: no parameter means them
-            _fail(where, f"must be a finite number, got {value!r}")
+            _fail(where, f"must be a finite number, got {show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            _fail(where, f"must be a string, got {value!r}")
+            _fail(where, f"must be a string, got {show(value)}")
         return value
     if tp is Path:
         if not isinstance(value, str) or not value:
-            _fail(where, f"must be a path (a non-empty string), got {value!r}")
+            _fail(where, f"must be a path (a non-empty string), got {show(value)}")
         return Path(value)
     raise TypeError(f"{where}: unsupported field type {tp!r}")
 
@@ -123,7 +133,7 @@ def _check_bounds(meta: Mapping, value: Any, where: str) -> None:
     ):
         bound = meta.get(key)
         if bound is not None and not ok(value, bound):
-            _fail(where, f"must be {word} {bound}, got {value!r}")
+            _fail(where, f"must be {word} {bound}, got {show(value)}")
 
 
 def build(cls: type, data: Any, where: str) -> Any:
@@ -131,7 +141,7 @@ def build(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        _fail(where, f"must be a mapping, got {data!r}")
+        _fail(where, f"must be a mapping, got {show(data)}")
     hints = typing.get_type_hints(cls)
     # a field may be spelled differently in YAML (`lambda` is a Python keyword)
     fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls) if f.init}
@@ -139,7 +149,7 @@ def build(cls: type, data: Any, where: str) -> Any:
         if key not in fields:
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(fields)})"
-            _fail(f"{where}.{key}", f"unknown key{extra}")
+            _fail(f"{where}.{shorten(str(key))}", f"unknown key{extra}")
     kwargs = {}
     for name, f in fields.items():
         key = f"{where}.{name}"

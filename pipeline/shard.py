@@ -88,6 +88,7 @@ def run(params: Params) -> None:
                 "notes": carved.notes,
             },
         )
+    _warn_degenerate(written, carved.classes)
     sizes = ", ".join(f"{n} {w.count}" for n, w in written.items())
     many, medium, few = (groups.count(g) for g in ("many", "medium", "few"))
     log.info(
@@ -100,6 +101,30 @@ def run(params: Params) -> None:
         few,
         max(counts) / min(counts),
     )
+
+
+def _warn_degenerate(written: dict, classes: tuple[str, ...]) -> None:
+    """Data that shards fine but makes the numbers meaningless: the same image bytes in train
+    and in an evaluation split (leakage: those images are scored on memory), or one class
+    (every prediction is right)."""
+    train = set(written["train"].digests)
+    for name in ("val", "test"):
+        if name in written:
+            shared = sum(d in train for d in written[name].digests)
+            if shared:
+                log.warning(
+                    "%d of %d %s image(s) have the same bytes as a train image (leakage: "
+                    "accuracy on them measures memory); remove the copies from the source",
+                    shared,
+                    written[name].count,
+                    name,
+                )
+    if len(classes) == 1:
+        log.warning(
+            "only one class (%r): every prediction is that class, so accuracy is meaningless; "
+            "give the source at least two classes",
+            classes[0],
+        )
 
 
 def _warn_outside_raw(params: Params) -> None:

@@ -7,13 +7,16 @@ that it happens so (and that nothing already written changed); the README table
     python tests/bad_inputs.py --check  # exit 1 when it is out of date (a test does this too)
 
 Messages are the line the user sees, with the case's directory removed from paths (as if run
-from the project root). A case with exit code 0 is input that is ignored, never damage.
+from the project root). A case with exit code 0 is input that is handled (ignored, written
+through, or read correctly), never damage: its `check` says what must hold afterwards.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import shutil
 import sys
 import tarfile
@@ -26,7 +29,7 @@ import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support import write_npz, write_params  # noqa: E402
+from support import tiny_classifier, write_npz, write_params, write_pngs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -44,7 +47,9 @@ UP = {
 @dataclass(frozen=True)
 class Case:
     """One bad input. `setup(d, upstream, monkeypatch)` prepares directory `d` (the cwd while
-    the case runs) and returns the `ecvl` arguments; `check(d)` asserts more for exit-0 cases."""
+    the case runs) and returns the `ecvl` arguments; `check(d, output)` asserts more for exit-0
+    cases (`output`: what the command printed and logged). `writes` are the files (relative to
+    `d`) the command may rewrite; every other file must keep its bytes."""
 
     id: str
     kind: str
@@ -54,6 +59,7 @@ class Case:
     setup: Callable = field(repr=False)
     check: Callable | None = field(default=None, repr=False)
     upstream: bool = False  # setup copies artifacts of the shared upstream run
+    writes: tuple[str, ...] = ()
 
 
 def params_file(d: Path, **sections) -> Path:
@@ -311,7 +317,7 @@ def folder_with_hidden_dir(d, up, mp):
     return run("shard", folder_params(d, root))
 
 
-def classes_are_the_visible_folders(d: Path) -> None:
+def classes_are_the_visible_folders(d: Path, output: str) -> None:
     meta = json.loads((d / "data/shards/meta.json").read_text())
     assert meta["classes"] == ["cat", "dog"] and meta["splits"]["train"]["count"] == 7
 
@@ -362,6 +368,367 @@ def seeds_args(seeds: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------
+# setups: params text, paths, outputs, text files, images, artifacts
+
+
+def raw_params_from(edit_text: Callable[[str], str]) -> Callable:
+    """The shared params file, its text edited (duplicate keys, appended sections, ...)."""
+
+    def setup(d, up, mp):
+        path = params_file(d)
+        path.write_text(edit_text(path.read_text()))
+        return run("shard", path)
+
+    return setup
+
+
+def params_bytes(make: Callable[[bytes], bytes]) -> Callable:
+    def setup(d, up, mp):
+        path = params_file(d)
+        path.write_bytes(make(path.read_bytes()))
+        return run("shard", path)
+
+    return setup
+
+
+def alias_bomb(levels: int = 30) -> str:
+    """A "billion laughs": 10**levels items once expanded, in 6 kB."""
+    lines = ["    - &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"    - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def with_bomb_as_seed(text: str) -> str:
+    return text.replace("  seed: 0\n", "  seed:\n" + alias_bomb(), 1)
+
+
+def paths_case(id, kind, command, paths: dict, message, folder_source=False) -> Case:
+    """Paths (relative to the case's directory) that overlap, run by `command`: every stage
+    validates every path first."""
+
+    def setup(d, up, mp):
+        (d / "imgs").mkdir()
+        path = params_file(d)
+        data = yaml.safe_load(path.read_text())
+        data["paths"].update({k: str(d / v) for k, v in paths.items()})
+        if folder_source:
+            data["shard"]["source"] = {"name": "imagefolder", "root": str(d / "imgs")}
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return run(command, path)
+
+    return Case(id, kind, command, 2, message, setup)
+
+
+def stage_with(command: str, prepare: Callable[[Path, Callable], None]) -> Callable:
+    """`ecvl <command>` after `prepare(d, mp)` put something at or around its outputs."""
+
+    def setup(d, up, mp):
+        prepare(d, mp)
+        return run(command, params_file(d))
+
+    return setup
+
+
+def user_folder(rel: str) -> Callable:
+    def prepare(d, mp):
+        (d / rel).mkdir(parents=True)
+        (d / rel / "holiday.jpg").write_bytes(png_bytes(3))
+        (d / rel / "notes.txt").write_text("mine\n")
+
+    return prepare
+
+
+def link_to_folder(d, mp):
+    (d / "elsewhere").mkdir()
+    (d / "elsewhere/keep.txt").write_text("mine\n")
+    (d / "data").mkdir()
+    (d / "data/shards").symlink_to("../elsewhere")
+
+
+def file_named_data(d, mp):
+    (d / "data").write_text("a file, not a folder\n")
+
+
+def folder_at_results_md(d, mp):
+    (d / "reports/results.md").mkdir(parents=True)
+    (d / "reports/results.md/draft.txt").write_text("mine\n")
+
+
+def unwritable(rel: str, read_only: bool) -> Callable:
+    """`rel` (created) as the kernel reports a read-only mount or a folder without write
+    permission (the tests may run as root, whom permissions do not stop)."""
+
+    def prepare(d, mp):
+        folder = (d / rel).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        access, statvfs = os.access, os.statvfs
+
+        def denied(path, mode, *args, **kwargs):
+            if Path(path).resolve() == folder and mode & os.W_OK:
+                return False
+            return access(path, mode, *args, **kwargs)
+
+        class Flags:
+            f_flag = os.ST_RDONLY if read_only else 0
+
+        mp.setattr(os, "access", denied)
+        mp.setattr(os, "statvfs", lambda p: Flags() if Path(p).resolve() == folder else statvfs(p))
+
+    return prepare
+
+
+def disk_full_while_sharding(d, mp):
+    """The disk fills up in the middle of the first tar (ENOSPC from the write)."""
+    real = tarfile.TarFile.addfile
+    calls = []
+
+    def addfile(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *args, **kwargs)
+
+    mp.setattr(tarfile.TarFile, "addfile", addfile)
+
+
+def predicting(prepare: Callable[[Path, Callable], list[str]]) -> Callable:
+    """`ecvl predict` with a tiny packaged classifier at `classifier/` and three PNGs in
+    `photos/`; `prepare(d, mp)` returns the inputs and options."""
+
+    def setup(d, up, mp):
+        tiny_classifier(d)
+        write_pngs(d / "photos", 3)
+        args = prepare(d, mp)
+        return ["predict", "--model", "classifier", "--workers", "0", "--no-progress", *args]
+
+    return setup
+
+
+EARLIER = "path,key,class_1,prob_1\nphotos/000.png,,class_0,0.500000\n"
+
+
+def rows_in(path: Path) -> list[list[str]]:
+    import csv
+
+    with path.open(newline="") as f:
+        return list(csv.reader(f))
+
+
+def predictions_written(rel: str, n: int = 3) -> Callable:
+    def check(d, output):
+        rows = rows_in(d / rel)
+        assert rows[0][:4] == ["path", "key", "class_1", "prob_1"] and len(rows) == n + 1
+
+    return check
+
+
+def predictions_through_link(d, output):
+    assert (d / "link.csv").is_symlink() and os.readlink(d / "link.csv") == "real/preds.csv"
+    predictions_written("real/preds.csv")(d, output)
+
+
+def predictions_on_stdout(d, output):
+    assert "path,key,class_1,prob_1" in output and output.count("photos/00") == 3
+    assert not (d / "predictions.csv").exists() and not (d / "-").exists()
+
+
+def into_devices(device: str) -> Callable:
+    """`--out <device>`, with a safety net: the tests may run as root, where a rename onto
+    `/dev/...` would replace the machine's device, so any such rename or removal fails the
+    case instead of happening."""
+
+    def prepare(d, mp):
+        for name in ("replace", "rename", "unlink", "remove"):
+            real = getattr(os, name)
+
+            def guarded(*args, _real=real, _name=name, **kwargs):
+                if any(str(a).startswith(("/dev/", "/proc/")) for a in args):
+                    raise AssertionError(f"os.{_name}{args} would change a system path")
+                return _real(*args, **kwargs)
+
+            mp.setattr(os, name, guarded)
+        return ["photos", "--out", device]
+
+    return prepare
+
+
+def devices_untouched(d, output):
+    assert Path("/dev/stdout").is_symlink() and Path("/dev/null").is_char_device()
+    assert not (d / "predictions.csv").exists()
+
+
+def sixteen_bit_images(d, mp):
+    """The same gradient as a 16-bit grayscale PNG and as its 8-bit scaling."""
+    from PIL import Image
+
+    wide = np.linspace(0, 65535, 40 * 40).round().astype(np.uint16).reshape(40, 40)
+    Image.fromarray(wide).save(d / "photos/wide16.png")
+    Image.fromarray(np.rint(wide / 257.0).astype(np.uint8)).save(d / "photos/same8.png")
+    return ["photos/wide16.png", "photos/same8.png", "--out", "p.csv"]
+
+
+def sixteen_bit_reads_as_its_8_bit_scaling(d, output):
+    rows = rows_in(d / "p.csv")
+    assert rows[1][0] == "photos/wide16.png" and rows[2][0] == "photos/same8.png"
+    assert rows[1][2:] == rows[2][2:]  # the same classes and probabilities
+
+
+def swapped_backbone(d, mp):
+    from ecvl.models.clip import create_model, save_open_clip_dir
+
+    shutil.rmtree(d / "classifier/backbone")
+    save_open_clip_dir(create_model("ecvl-tiny-rn"), None, d / "classifier/backbone")
+    return ["photos", "--out", "p.csv"]
+
+
+def edited_json(rel: str, edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(d: Path) -> None:
+        data = json.loads((d / rel).read_text())
+        edit(data)
+        (d / rel).write_text(json.dumps(data))
+
+    return apply
+
+
+def image_folder_with(edit: Callable[[Path], None], **shard) -> Callable:
+    """An image folder of two classes (edited), sharded with raw pixels."""
+
+    def setup(d, up, mp):
+        root = image_folder(d / "imgs", {"cat": 4, "dog": 3})
+        edit(root)
+        return run("shard", folder_params(d, root, encoding="raw", **shard))
+
+    return setup
+
+
+def sixteen_bit_folder(root: Path) -> None:
+    from PIL import Image
+
+    wide = np.linspace(0, 65535, 12 * 12).round().astype(np.uint16).reshape(12, 12)
+    Image.fromarray(wide).save(root / "cat/0.png")
+
+
+def sixteen_bit_sharded_by_depth(d, output):
+    from ecvl.data.pixels import decode_npy
+
+    with tarfile.open(d / "data/shards/train-000000.tar") as tar:
+        member = next(m for m in tar if m.name.endswith(".npy") and "cat_0." in m.name)
+        pixels = decode_npy(tar.extractfile(member).read())
+    wide = np.linspace(0, 65535, 12 * 12).round().reshape(12, 12)
+    assert np.array_equal(pixels[..., 0], np.rint(wide / 257.0).astype(np.uint8))
+    assert (pixels == 255).mean() < 0.05  # clipped, 99% of it was white
+
+
+def class_folders(*names: str) -> Callable:
+    def setup(d, up, mp):
+        root = image_folder(d / "imgs", dict.fromkeys(names, 3))
+        return run("shard", folder_params(d, root))
+
+    return setup
+
+
+def meta(d: Path) -> dict:
+    return json.loads((d / "data/shards/meta.json").read_text())
+
+
+def non_ascii_classes_kept(d, output):
+    m = meta(d)
+    assert m["classes"] == sorted(["кошка", "собака", "犬", "猫", "鳥"])
+    assert m["splits"]["train"]["count"] == 15  # 3 images each, none lost to a key clash
+
+
+def png_beside_jpg(root: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.full((12, 12, 3), 7, np.uint8)).save(root / "cat/0.jpg")
+
+
+def both_images_sharded(d, output):
+    assert meta(d)["splits"]["train"]["per_class"] == [5, 3]
+
+
+def copy_of_a_train_image_in_test(root: Path) -> None:
+    for split in ("train", "test"):
+        (root / split).mkdir()
+    for name in ("cat", "dog"):
+        shutil.move(root / name, root / "train" / name)
+        (root / "test" / name).mkdir()
+        for i in range(2):
+            (root / "test" / name / f"t{i}.png").write_bytes(png_bytes(900 + i))
+    (root / "test/dog/t0.png").write_bytes((root / "train/cat/0.png").read_bytes())
+
+
+def warned(text: str) -> Callable:
+    def check(d, output):
+        assert text in output, output
+        assert (d / "data/shards/meta.json").is_file()
+
+    return check
+
+
+def one_class(root: Path) -> None:
+    shutil.rmtree(root / "dog")
+
+
+def list_with(names: bytes | None, line: bytes | None = None) -> Callable:
+    """A `list` source over two classes; `names`: the classnames file's bytes; `line`: an extra
+    line for the split list."""
+
+    def setup(d, up, mp):
+        image_folder(d / "imgs", {"cat": 2, "dog": 2})
+        (d / "train.txt").write_bytes(
+            b"cat/0.png 0\ncat/1.png 0\ndog/0.png 1\ndog/1.png 1\n" + (line or b"")
+        )
+        source = {"name": "list", "root": str(d / "imgs"), "train": str(d / "train.txt")}
+        if names is not None:
+            (d / "names.txt").write_bytes(names)
+            source["classnames"] = str(d / "names.txt")
+        return run("shard", npz_free_params(d, source))
+
+    return setup
+
+
+def classes_are(*names: str) -> Callable:
+    def check(d, output):
+        assert meta(d)["classes"] == list(names)
+
+    return check
+
+
+def stage_on_upstream(command: str, names: tuple[str, ...], edit: Callable[[Path], None]):
+    def setup(d, up, mp):
+        copy_upstream(d, up, *names)
+        edit(d)
+        return run(command, params_file(d))
+
+    return setup
+
+
+def wider_head(d: Path) -> None:
+    """models/stage2/ballad holds a head of width 128 (the store's embeddings are 64 wide),
+    with the run record of the others."""
+    from ecvl.models.adapter import ResidualAdapter, save_head
+
+    head_dir = d / "models/stage2/ballad"
+    record = json.loads((head_dir / "adapter.json").read_text())
+    adapter = ResidualAdapter(128, 0.2)
+    shutil.rmtree(head_dir)
+    save_head(head_dir, adapter.state_dict(), adapter.config())
+    saved = json.loads((head_dir / "adapter.json").read_text())
+    (head_dir / "adapter.json").write_text(json.dumps({**record, "adapter": saved["adapter"]}))
+
+
+def renamed_class_in_store(d: Path) -> None:
+    import zarr
+
+    root = zarr.open_group(d / "data/embeddings.zarr", mode="r+")
+    classes = list(root.attrs["classes"])
+    classes[0] = "nought"
+    root.attrs["classes"] = classes
+
+
+# ---------------------------------------------------------------------------------------------
 
 CASES: list[Case] = [
     # --- the params file itself -------------------------------------------------------------
@@ -375,7 +742,7 @@ CASES: list[Case] = [
         "binary-params",
         "a binary file as params",
         bytes(range(256)) * 4,
-        "params.yaml: not a text file (byte 128 is not UTF-8); give a YAML params file",
+        "params.yaml: not UTF-8 text (byte 128 is 0x80); save it as UTF-8",
     ),
     raw_params(
         "params-is-dir",
@@ -803,6 +1170,549 @@ CASES: list[Case] = [
         2,
         "--seeds: expected comma-separated integers, got 'a,b'",
         seeds_args("a,b"),
+    ),
+    # --- params: text, keys, aliases, size --------------------------------------------------
+    Case(
+        "params-utf16",
+        "a params file saved as UTF-16",
+        "shard",
+        2,
+        "params.yaml: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8",
+        params_bytes(lambda b: b.decode().encode("utf-16")),
+    ),
+    Case(
+        "params-bom",
+        "a params file saved with a UTF-8 BOM",
+        "shard",
+        0,
+        "— (read as UTF-8: the BOM is dropped)",
+        params_bytes(lambda b: b"\xef\xbb\xbf" + b),
+        check=lambda d, output: meta(d)["classes"][0] == "zero",
+    ),
+    Case(
+        "duplicate-key",
+        "a key given twice (`seed: 7`, then `seed: 0`)",
+        "shard",
+        2,
+        "params.yaml: duplicate key 'seed' at lines 2 and 3; keep one",
+        raw_params_from(lambda t: t.replace("  seed: 0\n", "  seed: 7\n  seed: 0\n", 1)),
+    ),
+    Case(
+        "section-twice",
+        "a second `shard:` section pasted at the end",
+        "shard",
+        2,
+        "params.yaml: duplicate key 'shard' at lines 18 and 37; keep one",
+        raw_params_from(lambda t: t + "shard:\n  maxcount: 5\n"),
+    ),
+    Case(
+        "alias-bomb",
+        "a 6 kB YAML alias bomb as the value of `base.seed`",
+        "shard",
+        2,
+        "params.yaml: line 4: YAML aliases (*l0) are not allowed in params; write the value out",
+        raw_params_from(with_bomb_as_seed),
+    ),
+    param_case(
+        "huge-value",
+        "a 100,000-character value",
+        lambda p: p["shard"].update(maxcount="x" * 100_000),
+        "params.yaml: shard.maxcount: must be an integer, got '"
+        + "x" * 199
+        + "… (100,002 characters)",
+    ),
+    Case(
+        "params-too-large",
+        "a 2 MB file as params",
+        "shard",
+        2,
+        "params.yaml: 2,097,152 bytes, more than a params file can be (1,048,576); give the "
+        "YAML params file",
+        params_bytes(lambda b: b + b"#" * ((2 << 20) - len(b))),
+    ),
+    param_case(
+        "source-name-list",
+        "`shard.source.name: [digits]` (a list)",
+        lambda p: p["shard"].update(source={"name": ["digits"]}),
+        "params.yaml: shard.source.name: must be a source name, got ['digits'] (known: "
+        "cifar100, digits, imagefolder, imagenet_lt, list, npz, places_lt)",
+    ),
+    # --- paths that overlap -----------------------------------------------------------------
+    paths_case(
+        "classifier-is-models",
+        "`paths.classifier: models` (it holds `models/stage1`)",
+        "package",
+        {"classifier": "models"},
+        "params.yaml: paths.classifier: models contains paths.stage1 (models/stage1); a stage "
+        "replaces its outputs whole, so outputs and inputs must not overlap: choose separate "
+        "paths",
+    ),
+    paths_case(
+        "shards-are-source-root",
+        "an image-folder source whose root is also `paths.shards`",
+        "shard",
+        {"shards": "imgs"},
+        "params.yaml: paths.shards: imgs is the same path as shard.source.root (imgs); a stage "
+        "replaces its outputs whole, so outputs and inputs must not overlap: choose separate "
+        "paths",
+        folder_source=True,
+    ),
+    paths_case(
+        "stage2-inside-stage1",
+        "`paths.stage2` inside `paths.stage1`",
+        "stage2",
+        {"stage2": "models/stage1/heads"},
+        "params.yaml: paths.stage2: models/stage1/heads lies inside paths.stage1 "
+        "(models/stage1); a stage replaces its outputs whole, so outputs and inputs must not "
+        "overlap: choose separate paths",
+    ),
+    paths_case(
+        "metrics-inside-shards",
+        "`paths.metrics` inside `paths.shards`",
+        "stage1",
+        {"metrics": "data/shards"},
+        "params.yaml: paths.metrics: data/shards/stage1.json lies inside paths.shards "
+        "(data/shards); a stage replaces its outputs whole, so outputs and inputs must not "
+        "overlap: choose separate paths",
+    ),
+    paths_case(
+        "raw-holds-shards",
+        "`paths.raw: data` (it holds `data/shards`)",
+        "shard",
+        {"raw": "data"},
+        "params.yaml: paths.shards: data/shards lies inside paths.raw (data); a stage replaces "
+        "its outputs whole, so outputs and inputs must not overlap: choose separate paths",
+    ),
+    # --- outputs that are not ECVL's --------------------------------------------------------
+    Case(
+        "predict-out-folder",
+        "`ecvl predict --out res` where `res/` is an existing folder",
+        "predict",
+        1,
+        "predict: --out res is a folder; name a file in it (e.g. res/predictions.csv), or - "
+        "for standard output",
+        predicting(lambda d, mp: (user_folder("res")(d, mp), ["photos", "--out", "res"])[1]),
+    ),
+    Case(
+        "predict-out-input-folder",
+        "`ecvl predict photos --out photos` (the input folder)",
+        "predict",
+        1,
+        "predict: --out photos is a folder; name a file in it (e.g. photos/predictions.csv), "
+        "or - for standard output",
+        predicting(lambda d, mp: ["photos", "--out", "photos"]),
+    ),
+    Case(
+        "predict-out-dot",
+        "`ecvl predict --out .`",
+        "predict",
+        1,
+        "predict: --out . is a folder; name a file in it (e.g. predictions.csv), or - for "
+        "standard output",
+        predicting(lambda d, mp: ["photos", "--out", "."]),
+    ),
+    Case(
+        "predict-out-user-file",
+        "`--out notes.txt`, a file of the user's",
+        "predict",
+        1,
+        "predict: notes.txt is a file ECVL did not write (not a predictions file: no header or "
+        "rows of `ecvl predict`); ECVL replaces only its own outputs: move it away or write "
+        "elsewhere",
+        predicting(
+            lambda d, mp: (
+                (d / "notes.txt").write_text("mine\n"),
+                ["photos", "--out", "notes.txt"],
+            )[1]
+        ),
+    ),
+    Case(
+        "predict-out-is-input",
+        "`--out list.txt` where `list.txt` is also an input",
+        "predict",
+        1,
+        "predict: --out list.txt is one of the inputs; name another file",
+        predicting(
+            lambda d, mp: (
+                (d / "list.txt").write_text("photos/000.png\n"),
+                ["list.txt", "--out", "list.txt"],
+            )[1]
+        ),
+    ),
+    Case(
+        "predict-out-under-file",
+        "`--out notes.txt/p.csv` (a file where a folder belongs)",
+        "predict",
+        1,
+        "predict: notes.txt is a file where a folder belongs (to hold notes.txt/p.csv); move "
+        "it away or change the path",
+        predicting(
+            lambda d, mp: (
+                (d / "notes.txt").write_text("mine\n"),
+                ["photos", "--out", "notes.txt/p.csv"],
+            )[1]
+        ),
+    ),
+    Case(
+        "predict-out-read-only",
+        "`--out` on a read-only file system",
+        "predict",
+        1,
+        "predict: cannot write ro/p.csv: ro is on a read-only file system; write it elsewhere",
+        predicting(
+            lambda d, mp: (unwritable("ro", True)(d, mp), ["photos", "--out", "ro/p.csv"])[1]
+        ),
+    ),
+    Case(
+        "predict-out-symlink",
+        "`--out link.csv`, a symbolic link to an earlier predictions file",
+        "predict",
+        0,
+        "— (written through the link: the file it points at is replaced, the link stays)",
+        predicting(
+            lambda d, mp: (
+                (d / "real").mkdir(),
+                (d / "real/preds.csv").write_text(EARLIER),
+                (d / "link.csv").symlink_to("real/preds.csv"),
+                ["photos", "--out", "link.csv"],
+            )[3]
+        ),
+        check=predictions_through_link,
+        writes=("real/preds.csv", "link.csv"),  # one file, seen through the link
+    ),
+    Case(
+        "predict-out-stdout",
+        "`--out -`",
+        "predict",
+        0,
+        "— (the rows go to standard output)",
+        predicting(lambda d, mp: ["photos", "--out", "-"]),
+        check=predictions_on_stdout,
+    ),
+    Case(
+        "predict-out-dev-stdout",
+        "`--out /dev/stdout` (a symbolic link into `/proc`)",
+        "predict",
+        0,
+        "— (written into as a stream; neither is replaced)",
+        predicting(into_devices("/dev/stdout")),
+        check=devices_untouched,
+    ),
+    Case(
+        "predict-out-dev-null",
+        "`--out /dev/null`",
+        "predict",
+        0,
+        "— (written into as a stream; neither is replaced)",
+        predicting(into_devices("/dev/null")),
+        check=devices_untouched,
+    ),
+    Case(
+        "predict-rerun",
+        "`ecvl predict` again over its own earlier `predictions.csv`",
+        "predict",
+        0,
+        "— (replaced: it is an earlier predictions file)",
+        predicting(lambda d, mp: ((d / "predictions.csv").write_text(EARLIER), ["photos"])[1]),
+        check=predictions_written("predictions.csv"),
+        writes=("predictions.csv",),
+    ),
+    Case(
+        "classifier-user-folder",
+        "`paths.classifier` naming a folder of the user's",
+        "package",
+        1,
+        "package: models/classifier is a folder ECVL did not write (no classifier.json of "
+        "ECVL's format); ECVL replaces only its own packaged classifier: move it away or write "
+        "elsewhere",
+        stage_with("package", user_folder("models/classifier")),
+    ),
+    Case(
+        "shards-user-folder",
+        "`paths.shards` naming a folder of the user's",
+        "shard",
+        1,
+        "shard: data/shards is a folder ECVL did not write (no meta.json of ECVL's shards); "
+        "ECVL replaces only its own shard folder: move it away or write elsewhere",
+        stage_with("shard", user_folder("data/shards")),
+    ),
+    Case(
+        "shards-symlink",
+        "`paths.shards` is a symbolic link to a folder",
+        "shard",
+        1,
+        "shard: data/shards is a symbolic link (to ../elsewhere); ECVL neither replaces a link "
+        "nor writes through it: remove the link, or point the path at its target",
+        stage_with("shard", link_to_folder),
+    ),
+    Case(
+        "file-where-folder",
+        "`data` is a file, `paths.shards: data/shards`",
+        "shard",
+        1,
+        "shard: data is a file where a folder belongs (to hold data/shards); move it away or "
+        "change the path",
+        stage_with("shard", file_named_data),
+    ),
+    Case(
+        "results-md-folder",
+        "a folder at `reports/results.md`",
+        "evaluate",
+        1,
+        "evaluate: reports/results.md is a folder, where ECVL writes a text file; move it away "
+        "or write elsewhere",
+        stage_with("evaluate", folder_at_results_md),
+    ),
+    Case(
+        "shards-read-only",
+        "`paths.shards` on a read-only file system",
+        "shard",
+        1,
+        "shard: cannot write data/shards: data is on a read-only file system; write it elsewhere",
+        stage_with("shard", unwritable("data", True)),
+    ),
+    Case(
+        "stage1-permission-denied",
+        "`paths.stage1` in a folder without write permission",
+        "stage1",
+        1,
+        "stage1: cannot write models/stage1: models is not writable (permission denied); write "
+        "it elsewhere",
+        stage_with("stage1", unwritable("models", False)),
+    ),
+    Case(
+        "disk-full",
+        "the disk fills up while sharding",
+        "shard",
+        1,
+        "shard: no space left on the device: data/shards; free some space or write elsewhere "
+        "(outputs are replaced only when complete)",
+        stage_with("shard", disk_full_while_sharding),
+    ),
+    # --- text files ---------------------------------------------------------------------------
+    Case(
+        "classnames-bom",
+        "a `classnames` file saved with a UTF-8 BOM",
+        "shard",
+        0,
+        "— (read as UTF-8: class 0 is `cat`, not `\\ufeffcat`)",
+        list_with("\ufeffcat\ndog\n".encode()),
+        check=classes_are("cat", "dog"),
+    ),
+    Case(
+        "classnames-latin1",
+        "a `classnames` file in Latin-1",
+        "shard",
+        1,
+        "shard: names.txt: not UTF-8 text (byte 6 is 0xe9); save it as UTF-8",
+        list_with("chat\nb\xe9b\xe9\n".encode("latin-1")),
+    ),
+    Case(
+        "list-latin1",
+        "a list file in Latin-1",
+        "shard",
+        1,
+        "shard: train.txt: not UTF-8 text (byte 51 is 0xe9); save it as UTF-8",
+        list_with(None, "caf\xe9/0.png 0\n".encode("latin-1")),
+    ),
+    Case(
+        "list-utf16",
+        "a `classnames` file saved as UTF-16",
+        "shard",
+        1,
+        "shard: names.txt: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8",
+        list_with("cat\ndog\n".encode("utf-16")),
+    ),
+    Case(
+        "list-long-line",
+        "a list file line of 100,000 characters",
+        "shard",
+        1,
+        "shard: train.txt:5: expected `path label`, got '" + "x" * 200 + "… (100,000 characters)'",
+        list_with(None, b"x" * 100_000 + b"\n"),
+    ),
+    # --- images and class names ---------------------------------------------------------------
+    Case(
+        "png-16bit",
+        "a 16-bit grayscale PNG (full range)",
+        "shard",
+        0,
+        "— (scaled to 8 bits by its bit depth, not clipped)",
+        image_folder_with(sixteen_bit_folder),
+        check=sixteen_bit_sharded_by_depth,
+    ),
+    Case(
+        "predict-16bit",
+        "a 16-bit grayscale PNG to `ecvl predict`",
+        "predict",
+        0,
+        "— (the same classes and probabilities as its 8-bit scaling)",
+        predicting(sixteen_bit_images),
+        check=sixteen_bit_reads_as_its_8_bit_scaling,
+    ),
+    Case(
+        "class-case",
+        "class folders `Dog` and `dog`",
+        "shard",
+        1,
+        "shard: class names: classes 0 'Dog' and 1 'dog' read alike to the text encoder "
+        "(prompts ignore case, underscores and punctuation), so their prompts would be the "
+        "same; rename one",
+        class_folders("Dog", "dog"),
+    ),
+    Case(
+        "class-underscore",
+        "classes `sea_lion` and `sea lion`",
+        "shard",
+        1,
+        "shard: train.npz: classes: classes 0 'sea_lion' and 1 'sea lion' read alike to the "
+        "text encoder (prompts ignore case, underscores and punctuation), so their prompts "
+        "would be the same; rename one",
+        lambda d, up, mp: run("shard", npz_params(d, [0, 1], ["sea_lion", "sea lion"])),
+    ),
+    Case(
+        "non-ascii-classes",
+        "class folders `猫`, `犬`, `鳥`, `кошка`, `собака`",
+        "shard",
+        0,
+        "— (names kept; keys stay unique)",
+        class_folders("猫", "犬", "鳥", "кошка", "собака"),
+        check=non_ascii_classes_kept,
+    ),
+    Case(
+        "png-beside-jpg",
+        "`0.png` and `0.jpg` in one class folder",
+        "shard",
+        0,
+        "— (two images)",
+        image_folder_with(png_beside_jpg),
+        check=both_images_sharded,
+    ),
+    Case(
+        "leakage",
+        "the same image bytes in train and test",
+        "shard",
+        0,
+        "— (warns: `1 of 4 test image(s) have the same bytes as a train image ...`)",
+        image_folder_with(copy_of_a_train_image_in_test),
+        check=warned("1 of 4 test image(s) have the same bytes as a train image"),
+    ),
+    Case(
+        "single-class",
+        "one class",
+        "shard",
+        0,
+        "— (warns: `only one class ('cat'): ... accuracy is meaningless`)",
+        image_folder_with(one_class),
+        check=warned("only one class ('cat')"),
+    ),
+    # --- artifacts read back ------------------------------------------------------------------
+    Case(
+        "meta-list",
+        "`meta.json` that is `[]`",
+        "stage1",
+        1,
+        "stage1: data/shards/meta.json: a JSON list, not a shard manifest (an object); re-run "
+        "`ecvl shard`",
+        stage_with(
+            "stage1",
+            lambda d, mp: (
+                (d / "data/shards").mkdir(parents=True),
+                (d / "data/shards/meta.json").write_text("[]\n"),
+            ),
+        ),
+    ),
+    Case(
+        "meta-no-shards",
+        "`meta.json` without `splits.train.shards`",
+        "stage1",
+        1,
+        "stage1: data/shards/meta.json: splits.train.shards: missing (re-run `ecvl shard`)",
+        stage_on_upstream(
+            "stage1",
+            ("data/shards",),
+            edited_json("data/shards/meta.json", lambda m: m["splits"]["train"].pop("shards")),
+        ),
+        upstream=True,
+    ),
+    Case(
+        "meta-classes-short",
+        "`meta.json` whose `classes` list is shorter than the labels in the tars",
+        "stage1",
+        1,
+        "stage1: data/shards/meta.json: splits.train.per_class: 10 counts, but `classes` names "
+        "only 9 classes, so the shards hold labels without a name (re-run `ecvl shard`)",
+        stage_on_upstream(
+            "stage1",
+            ("data/shards",),
+            edited_json("data/shards/meta.json", lambda m: m["classes"].pop()),
+        ),
+        upstream=True,
+    ),
+    Case(
+        "predict-backbone-other",
+        "a classifier whose `backbone/` is another model",
+        "predict",
+        1,
+        "predict: classifier/adapter.json: dim 64, but "
+        "classifier/backbone/open_clip_config.json: model_cfg.embed_dim 128 (the parts come "
+        "from different models; re-run `ecvl package`)",
+        predicting(swapped_backbone),
+    ),
+    Case(
+        "predict-preprocess-edited",
+        "a classifier whose `preprocess.json` size was edited",
+        "predict",
+        1,
+        "predict: classifier/preprocess.json: size [65, 65], but "
+        "classifier/backbone/open_clip_config.json: preprocess_cfg.size [32, 32] (edited by "
+        "hand? re-run `ecvl package`)",
+        predicting(
+            lambda d, mp: (
+                edited_json("classifier/preprocess.json", lambda c: c.update(size=[65, 65]))(d),
+                ["photos", "--out", "p.csv"],
+            )[1]
+        ),
+    ),
+    Case(
+        "evaluate-head-width",
+        "a stage-II head of another width than the embeddings",
+        "evaluate",
+        1,
+        "evaluate: models/stage2/ballad/adapter.json: dim 128, but data/embeddings.zarr holds "
+        "embeddings of width 64 (re-run `ecvl stage2`)",
+        stage_on_upstream(
+            "evaluate", ("data/shards", "data/embeddings.zarr", "models/stage2"), wider_head
+        ),
+        upstream=True,
+    ),
+    Case(
+        "store-other-classes",
+        "an embedding store whose class names differ from `meta.json`",
+        "evaluate",
+        1,
+        "evaluate: data/embeddings.zarr and data/shards/meta.json have different classes "
+        "(re-run `ecvl export`)",
+        stage_on_upstream(
+            "evaluate",
+            ("data/shards", "data/embeddings.zarr", "models/stage2"),
+            renamed_class_in_store,
+        ),
+        upstream=True,
+    ),
+    Case(
+        "stage1-record-list",
+        "`models/stage1/ecvl.json` that is `[]`",
+        "export",
+        1,
+        "export: models/stage1/ecvl.json: not the record `ecvl stage1` writes (re-run `ecvl "
+        "stage1`)",
+        stage_on_upstream(
+            "export",
+            ("data/shards", "models/stage1"),
+            lambda d: (d / "models/stage1/ecvl.json").write_text("[]\n"),
+        ),
+        upstream=True,
     ),
 ]
 

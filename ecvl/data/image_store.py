@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ecvl.data.pixels import RAW_EXT, decode_rgb
+from ecvl.data.pixels import RAW_EXT, decode_rgb, to_rgb
 from ecvl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ class ImageStore:
             if ext == RAW_EXT:
                 return Image.fromarray(decode_rgb(data))
             with Image.open(io.BytesIO(data), formats=[ALLOWED_FORMATS[ext]]) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise DataError(
                 f"{self.path}: sample {idx} (key {self._keys[idx]!r}) does not decode: {err}"

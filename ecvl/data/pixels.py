@@ -8,13 +8,20 @@ Reading is safe by construction: only `np.lib.format`'s header parser runs (neve
 `allow_pickle`), and the dtype must be `uint8` with shape H×W×1 or H×W×3, so an object array
 or any other payload is refused. Arrays whose header was seen before (every sample of a
 dataset usually shares one) skip the header parse: the bytes are viewed in place.
+
+`to_rgb` is the one conversion of a decoded image to 8-bit RGB, shared by `ecvl shard`, the
+shard readers, the train image store and `ecvl predict`, so an image means the same to each.
 """
 
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 RAW_EXT = "npy"
 # How `ecvl shard` stores images (see `ecvl.data.shards.resolve_encoding`); here, not in
@@ -65,6 +72,49 @@ def decode_rgb(data: bytes | memoryview) -> np.ndarray:
     return pixels if pixels.shape[2] == 3 else np.repeat(pixels, 3, axis=2)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as an 8-bit RGB PIL image (a new one, loaded: the caller may close `image`).
+
+    PIL's own `convert("RGB")` clips the wide modes to 255: a full-range 16-bit PNG comes out
+    nearly white. Here they are scaled instead, grey repeated to three channels:
+
+    - `I;16` (16-bit PNG and others): by the bit depth, v * 255 / 65535, so dark stays dark;
+    - `I` (32-bit integer) and `F` (32-bit float): by the smallest range that holds every
+      value: [0, 255] as it is, [0, 65535] as 16 bits, [0, 1] for floats; anything else
+      (negative values, larger ones) stretched from its minimum to its maximum. Non-finite
+      float values become 0.
+
+    Every other mode (L, LA, P with or without transparency, RGBA, CMYK, 1, ...) goes through
+    PIL's `convert("RGB")`: alpha dropped, palettes looked up, CMYK converted as PIL does.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if not (mode.startswith("I") or mode.startswith("F")):
+        return image.convert("RGB")
+    grey = _wide_to_uint8(np.asarray(image), mode)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+
+
+def _wide_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    v = values.astype(np.float64)
+    finite = np.isfinite(v)
+    v[~finite] = 0.0
+    lo, hi = (float(v[finite].min()), float(v[finite].max())) if finite.any() else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        low, top = 0.0, 65535.0
+    elif mode.startswith("F") and lo >= 0 and hi <= 1:
+        low, top = 0.0, 1.0
+    elif lo >= 0 and hi <= 255:
+        low, top = 0.0, 255.0
+    elif lo >= 0 and hi <= 65535:
+        low, top = 0.0, 65535.0
+    else:
+        low, top = lo, hi
+    scaled = (v - low) * (255.0 / (top - low)) if top > low else np.zeros_like(v)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
 def _header_end(view: memoryview) -> int:
     """Where the pixels start, from the fixed preamble (0 when it is not a `.npy` preamble:
     the full parser then says what is wrong)."""
@@ -100,4 +150,12 @@ def _check_array(dtype: np.dtype, shape: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{what} has shape {tuple(shape)}, expected H×W×1 or H×W×3")
 
 
-__all__ = ["ENCODINGS", "MAX_RAW_SIDE", "RAW_EXT", "decode_npy", "decode_rgb", "encode_npy"]
+__all__ = [
+    "ENCODINGS",
+    "MAX_RAW_SIDE",
+    "RAW_EXT",
+    "decode_npy",
+    "decode_rgb",
+    "encode_npy",
+    "to_rgb",
+]

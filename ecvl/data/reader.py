@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ecvl.data.batch_norm import BatchNormalize, passthrough_side, split_normalize
-from ecvl.data.pixels import RAW_EXT, decode_rgb
+from ecvl.data.pixels import RAW_EXT, decode_rgb, to_rgb
 from ecvl.data.shards import open_image
 from ecvl.data.sources import IMAGE_EXTENSIONS
 from ecvl.data.tar_reader import read_tars
@@ -98,7 +98,7 @@ def decode_image(data: bytes, where: str, ext: str) -> Image.Image:
         return Image.fromarray(decode_pixels(data, where, ext))
     try:
         with open_image(data, ext) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except Exception as e:  # PIL raises assorted types
         raise DataError(f"{where}: cannot decode ({e})") from None
 

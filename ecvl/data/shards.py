@@ -19,14 +19,16 @@ import logging
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ecvl.data.pixels import ENCODINGS, MAX_RAW_SIDE, RAW_EXT, encode_npy
+from ecvl.data.pixels import ENCODINGS, MAX_RAW_SIDE, RAW_EXT, encode_npy, to_rgb
 from ecvl.data.sources import PIL_FORMATS, Split
+from ecvl.data.textfiles import read_json
 from ecvl.errors import DataError, EcvlError
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ class SplitShards:
     bad: list[dict] = field(default_factory=list)
     fingerprint: str = ""
     encoding: str = "png"
+    # SHA-256 of every written image member, in order: `ecvl shard` compares the splits
+    # (the same bytes in train and test is leakage). Not part of the manifest.
+    digests: list[bytes] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict:
         return {
@@ -112,7 +117,7 @@ def image_member(split: Split, i: int, encoding: str) -> tuple[bytes, str]:
         return data, ext
     with open_image(data, ext) as im:
         try:
-            pixels = np.asarray(im.convert("RGB"))
+            pixels = np.asarray(to_rgb(im))
         except Exception as e:  # truncated or corrupt pixel data
             raise ValueError(f"cannot decode {im.format} image: {e}") from None
     return encode_npy(pixels), RAW_EXT
@@ -168,7 +173,9 @@ def write_split_shards(
                     "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
                 }
             )
-            digest.update(f"{key}\t{label}\t".encode() + hashlib.sha256(data).digest())
+            member_digest = hashlib.sha256(data).digest()
+            digest.update(f"{key}\t{label}\t".encode() + member_digest)
+            result.digests.append(member_digest)
             result.count += 1
             result.per_class[label] += 1
     sizes = [maxcount] * (result.count // maxcount) + [result.count % maxcount] * bool(
@@ -259,12 +266,15 @@ def load_manifest(shard_dir: Path | str) -> Manifest:
     path = root / MANIFEST
     if not path.is_file():
         raise DataError(f"shard manifest not found: {path} (run `ecvl shard` first)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{path}: a JSON {type(data).__name__}, not a shard manifest (an object); "
+            "re-run `ecvl shard`"
+        )
     if data.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{path}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    check_manifest(data, path)
     manifest = Manifest(root, data)
     for split in manifest.splits:
         for shard, expected in zip(
@@ -279,6 +289,72 @@ def load_manifest(shard_dir: Path | str) -> Manifest:
                     "(truncated or replaced; re-run `ecvl shard`)"
                 )
     return manifest
+
+
+def check_manifest(data: dict, path: Path) -> None:
+    """The fields every stage reads, checked against each other before any use: a hand-edited
+    or foreign `meta.json` stops here with the field named, not with an IndexError in epoch 1.
+
+    Raises:
+        DataError: a field is missing or of the wrong type, or the class list and the per-class
+            counts, the shard counts and a split's count, or the groups disagree.
+    """
+
+    def fail(field_name: str, problem: str) -> None:
+        raise DataError(f"{path}: {field_name}: {problem} (re-run `ecvl shard`)")
+
+    def need(container: dict, key: str, kind: type, where: str) -> Any:
+        if key not in container:
+            fail(where, "missing")
+        value = container[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            fail(where, f"must be {_TYPE_NAMES[kind]}, got {type(value).__name__}")
+        return value
+
+    need(data, "source_fingerprint", str, "source_fingerprint")
+    classes = need(data, "classes", list, "classes")
+    if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+        fail("classes", "must be a non-empty list of class names")
+    k = len(classes)
+    splits = need(data, "splits", dict, "splits")
+    if "train" not in splits:
+        fail("splits", "no train split")
+    for name, split in splits.items():
+        where = f"splits.{name}"
+        if not isinstance(split, dict):
+            fail(where, f"must be an object, got {type(split).__name__}")
+        count = need(split, "count", int, f"{where}.count")
+        per_class = need(split, "per_class", list, f"{where}.per_class")
+        if len(per_class) != k:
+            fail(
+                f"{where}.per_class",
+                f"{len(per_class)} counts, but `classes` names only {k} classes, so the shards "
+                "hold labels without a name"
+                if len(per_class) > k
+                else f"{len(per_class)} counts for {k} classes",
+            )
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in per_class):
+            fail(f"{where}.per_class", "must be non-negative integers")
+        if sum(per_class) != count:
+            fail(f"{where}.per_class", f"sums to {sum(per_class)}, but {where}.count is {count}")
+        shards = need(split, "shards", list, f"{where}.shards")
+        total = 0
+        for i, shard in enumerate(shards):
+            entry = f"{where}.shards[{i}]"
+            if not isinstance(shard, dict):
+                fail(entry, f"must be an object, got {type(shard).__name__}")
+            shard_name = need(shard, "name", str, f"{entry}.name")
+            if Path(shard_name).name != shard_name or shard_name in ("", ".", ".."):
+                fail(f"{entry}.name", f"must be a file name in the folder, got {shard_name!r}")
+            total += need(shard, "count", int, f"{entry}.count")
+        if total != count:
+            fail(f"{where}.shards", f"hold {total} samples, but {where}.count is {count}")
+    groups = need(data, "class_groups", list, "class_groups")
+    if len(groups) != k or not set(groups) <= {"many", "medium", "few"}:
+        fail("class_groups", f"must give many, medium or few for each of the {k} classes")
+
+
+_TYPE_NAMES = {list: "a list", dict: "an object", int: "an integer", str: "a string"}
 
 
 def count_samples(shard: Path | str) -> int:

@@ -13,6 +13,8 @@ import io
 import logging
 import pickle
 import re
+import string
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -20,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
+from ecvl.data.textfiles import read_text, shorten
 from ecvl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -107,22 +110,64 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def make_key(text: str) -> str:
-    """A tar- and webdataset-safe key (no dots or slashes) derived from a source id."""
-    return _KEY_UNSAFE.sub("_", text).strip("_") or "_"
+    """A tar- and webdataset-safe key (ASCII letters, digits, `_` and `-`: no dots or slashes)
+    derived from a source id.
+
+    An ASCII id keeps the key it always had (existing shards stay byte-identical). An id with
+    other characters (`猫/0`, `кошка/0`) would lose them and collide with its neighbours, so it
+    gets the first 8 hex digits of its SHA-256 appended (`0_1b4f0e98`): unique and stable.
+    """
+    key = _KEY_UNSAFE.sub("_", text).strip("_") or "_"
+    if text.isascii():
+        return key
+    return f"{key}_{_short_hash(text)}"
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def prompt_form(name: str) -> str:
+    """What a class name can be reduced to on its way into a prompt's tokens: underscores shown
+    as spaces (as `ecvl.text.build_prompts` shows them), Unicode NFC, lower case, whitespace
+    collapsed, ASCII punctuation dropped. open_clip's tokenizers lower-case (CLIP's) or also
+    drop punctuation (`canonicalize`, SigLIP's): two names with one form may get one prompt,
+    one text embedding, and could never be told apart."""
+    shown = unicodedata.normalize("NFC", name).replace("_", " ")
+    return " ".join(shown.translate(_PUNCTUATION).lower().split())
 
 
 def check_classes(classes: tuple[str, ...], where: str) -> None:
+    """Refuse an empty class list, empty names, duplicates, and names that read alike to the
+    text encoder (`prompt_form`).
+
+    Raises:
+        DataError: naming both classes.
+    """
     if not classes:
         raise DataError(f"{where}: no classes")
     seen: dict[str, int] = {}
+    forms: dict[str, int] = {}
     for i, name in enumerate(classes):
         if not name.strip():
             raise DataError(f"{where}: class {i} has an empty name")
         if name in seen:
             raise DataError(
-                f"{where}: duplicate class name {name!r} (classes {seen[name]} and {i})"
+                f"{where}: duplicate class name {shorten(name)!r} (classes {seen[name]} and {i})"
             )
         seen[name] = i
+        form = prompt_form(name)
+        if form in forms:
+            j = forms[form]
+            raise DataError(
+                f"{where}: classes {j} {shorten(classes[j])!r} and {i} {shorten(name)!r} read "
+                "alike to the text encoder (prompts ignore case, underscores and punctuation), "
+                "so their prompts would be the same; rename one"
+            )
+        forms[form] = i
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
@@ -336,7 +381,7 @@ def read_classnames(path: Path) -> tuple[str, ...]:
     """Class names, one per line; also reads Places365's `categories_places365.txt`
     (`/a/airfield 0`) and strips its `/x/` prefix."""
     names = []
-    for raw in _require_file(path, "class-names file").read_text(encoding="utf-8").splitlines():
+    for raw in read_text(_require_file(path, "class-names file")).splitlines():
         line = raw.strip()
         if not line:
             continue
@@ -348,19 +393,21 @@ def read_classnames(path: Path) -> tuple[str, ...]:
 def read_list_file(path: Path, root: Path) -> tuple[list[Path], np.ndarray]:
     """Parse `relative/path label` lines (whitespace or comma separated; `#` comments)."""
     paths, labels = [], []
-    text = _require_file(path, "split list").read_text(encoding="utf-8")
+    text = read_text(_require_file(path, "split list"))
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         parts = re.split(r"\s*,\s*|\s+(?=\S+$)", line)
         if len(parts) != 2:
-            raise DataError(f"{path}:{lineno}: expected `path label`, got {raw!r}")
+            raise DataError(f"{path}:{lineno}: expected `path label`, got {shorten(raw)!r}")
         rel, label = parts
         try:
             labels.append(int(label))
         except ValueError:
-            raise DataError(f"{path}:{lineno}: label {label!r} is not an integer") from None
+            raise DataError(
+                f"{path}:{lineno}: label {shorten(label)!r} is not an integer"
+            ) from None
         paths.append(root / rel)
     if not paths:
         raise DataError(f"{path}: no samples listed")
@@ -368,18 +415,35 @@ def read_list_file(path: Path, root: Path) -> tuple[list[Path], np.ndarray]:
 
 
 def _file_split(paths: list[Path], labels: np.ndarray, root: Path, where: str) -> Split:
-    keys = []
+    """A split of image files, keyed by their path under `root` without the extension
+    (`cat/0.png` -> `cat_0`, as ever). Files whose keys would collide (`0.png` beside `0.jpg`,
+    `a b/0.png` beside `a_b/0.png`) get their extension and, if still alike, a hash of their
+    path appended; only a file listed twice is an error."""
+    rels = []
     for p in paths:
         try:
-            rel = p.relative_to(root)
+            rels.append(str(p.relative_to(root)))
         except ValueError:
-            rel = p
-        keys.append(make_key(str(rel.with_suffix(""))))
-    if len(set(keys)) != len(keys):
-        seen: set[str] = set()
-        dup = next(k for k in keys if k in seen or seen.add(k))
-        raise DataError(f"{where}: two images map to the same key {dup!r} (listed twice?)")
+            rels.append(str(p))
+    keys = [make_key(str(Path(rel).with_suffix(""))) for rel in rels]
+    for rename in (lambda i: make_key(rels[i]), lambda i: f"{keys[i]}_{_short_hash(rels[i])}"):
+        clashes = _colliding(keys)
+        if not clashes:
+            break
+        for i in clashes:
+            keys[i] = rename(i)
+    clashes = _colliding(keys)
+    if clashes:
+        raise DataError(f"{where}: {shorten(rels[clashes[0]])} is listed more than once")
     return Split(keys, labels, paths=list(paths))
+
+
+def _colliding(keys: list[str]) -> list[int]:
+    """Indices of every key that another index shares."""
+    count: dict[str, int] = {}
+    for k in keys:
+        count[k] = count.get(k, 0) + 1
+    return [i for i, k in enumerate(keys) if count[k] > 1]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecvl.data.textfiles import read_json
 from ecvl.errors import ModelError
 from ecvl.models.heads import build_checked
 from ecvl.models.linear_probe import LinearProbe
@@ -212,7 +213,7 @@ def load_adapter(directory: str | os.PathLike[str]) -> nn.Module:
         if not path.is_file():
             raise ModelError(f"no trained head at {directory}: {path.name} is missing")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))["adapter"]
+        config = read_json(config_path)["adapter"]
         state_dict = safetensors.torch.load_file(str(weights_path))
     except Exception as e:  # OSError, JSON, a missing key, safetensors' own error type
         raise ModelError(f"cannot read the head in {directory}: {e}") from None

@@ -86,3 +86,51 @@ def test_import_ecvl_stays_light():
     code = "import sys, ecvl; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _copy(packaged, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(packaged, copy)
+    return copy
+
+
+def test_a_backbone_of_another_model_is_refused_naming_both_files(tmp_path, packaged):
+    from ecvl.models.clip import create_model, save_open_clip_dir
+
+    broken = _copy(packaged, tmp_path)
+    shutil.rmtree(broken / "backbone")
+    save_open_clip_dir(create_model("ecvl-tiny-rn"), None, broken / "backbone")
+    with pytest.raises(
+        ModelError,
+        match=r"copy/adapter.json: dim 64, but .*copy/backbone/open_clip_config.json: "
+        r"model_cfg.embed_dim 128 \(the parts come from different models",
+    ):
+        ecvl.load_classifier(broken)
+
+
+def test_an_edited_preprocess_config_is_refused_naming_the_field(tmp_path, packaged):
+    broken = _copy(packaged, tmp_path)
+    cfg = json.loads((broken / "preprocess.json").read_text())
+    (broken / "preprocess.json").write_text(json.dumps({**cfg, "size": [65, 65]}))
+    with pytest.raises(
+        ModelError,
+        match=r"copy/preprocess.json: size \[65, 65\], but .*open_clip_config.json: "
+        r"preprocess_cfg.size \[32, 32\]",
+    ):
+        ecvl.load_classifier(broken)
+
+
+def test_text_features_of_another_width_are_refused(tmp_path, packaged):
+    from safetensors.torch import save_file
+
+    broken = _copy(packaged, tmp_path)
+    save_file({"text_features": torch.zeros(4, 32)}, broken / "text_features.safetensors")
+    with pytest.raises(ModelError, match=r"adapter.json: dim 64, but .*: width 32"):
+        ecvl.load_classifier(broken)
+
+
+def test_json_files_with_a_bom_load(tmp_path, packaged):
+    copy = _copy(packaged, tmp_path)
+    for name in ("classifier.json", "preprocess.json", "adapter.json"):
+        (copy / name).write_bytes(b"\xef\xbb\xbf" + (copy / name).read_bytes())
+    assert ecvl.load_classifier(copy).classes == ecvl.load_classifier(packaged).classes

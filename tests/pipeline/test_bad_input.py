@@ -1,6 +1,8 @@
 """Every bad input in `tests/bad_inputs.py`: one `error:` line naming the file, key or value,
-its exit code, no traceback, and nothing already written changed (the case's directory is
-the working directory, so even relative default paths would land there)."""
+its exit code, no traceback, no line longer than 1,000 characters, no temporary file left, and
+nothing already written changed (the case's directory is the working directory, so even
+relative default paths would land there); a case that exits 0 keeps every file it did not
+write itself."""
 
 from __future__ import annotations
 
@@ -37,14 +39,18 @@ def upstream(tmp_path_factory):
     return root
 
 
-def test_at_least_thirty_kinds_each_once():
-    assert len(CASES) >= 30
+def _temporaries(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+def test_at_least_seventy_kinds_each_once():
+    assert len(CASES) >= 70
     assert len({c.id for c in CASES}) == len(CASES)
     assert all(c.code != 0 or c.check is not None for c in CASES)  # exit 0 only when harmless
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bad_input(case: Case, tmp_path, request, monkeypatch):
+def test_bad_input(case: Case, tmp_path, request, monkeypatch, caplog):
     up = request.getfixturevalue("upstream") if case.upstream else None
     monkeypatch.chdir(tmp_path)
     args = case.setup(tmp_path, up, monkeypatch)
@@ -55,10 +61,16 @@ def test_bad_input(case: Case, tmp_path, request, monkeypatch):
     )
     assert "Traceback" not in result.output
     assert result.exit_code == case.code, result.output
+    lines = result.output.splitlines() + [r.getMessage() for r in caplog.records]
+    assert max(map(len, lines), default=0) <= 1000
+    assert _temporaries(tmp_path) == []  # nothing half-written left behind
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     if case.code == 0:
         assert errors == []
-        case.check(tmp_path)
+        case.check(tmp_path, result.output + "\n" + caplog.text)
+        after = _snapshot(tmp_path)
+        kept = {p: h for p, h in before.items() if p not in case.writes}
+        assert {p: after.get(p) for p in kept} == kept  # every file the user had is intact
         return
     assert len(errors) == 1, result.output
     assert errors[0].replace(f"{tmp_path}/", "") == f"error: {case.message}"

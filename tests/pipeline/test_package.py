@@ -132,7 +132,8 @@ def test_package_mode_must_be_trained(tmp_path):
 def test_package_needs_evaluate_and_keeps_the_old_output(pipeline_run, tmp_path):
     root = pipeline_run
     out = tmp_path / "classifier"
-    out.mkdir()
+    out.mkdir()  # an earlier classifier: its own to replace, but only when complete
+    (out / "classifier.json").write_text('{"format": "ecvl-classifier/1"}')
     (out / "old").write_text("kept")
     params = write_params(
         tmp_path,

@@ -1,11 +1,14 @@
 """Bad params stop before any work with one line naming the key, exit code 2."""
 
+from dataclasses import fields
+
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.params import Params, load_params
+from pipeline.params import Params, PathsParams, load_params
+from pipeline.schema import ParamsError
 from support import write_params
 
 
@@ -146,3 +149,101 @@ def test_eval_prompts_default_to_the_sources_own(tmp_path):
     data["prompts"]["eval_templates"] = ["a {} here."]  # an explicit list always wins
     path.write_text(yaml.safe_dump(data))
     assert load_params(path).prompts.eval_templates == ("a {} here.",)
+
+
+def _raw(tmp_path, text: str):
+    path = write_params(tmp_path)
+    path.write_text(text)
+    return path
+
+
+def test_a_duplicate_key_names_the_key_and_both_lines(tmp_path):
+    text = write_params(tmp_path).read_text()
+    nested = text.replace("  seed: 0\n", "  seed: 7\n  seed: 0\n")
+    with pytest.raises(ParamsError, match=r"duplicate key 'seed' at lines 2 and 3; keep one"):
+        load_params(_raw(tmp_path, nested))
+    appended = text + "shard:\n  maxcount: 5\n"
+    first = 1 + text.splitlines().index("shard:")
+    last = 1 + len(text.splitlines())
+    with pytest.raises(ParamsError, match=rf"duplicate key 'shard' at lines {first} and {last}"):
+        load_params(_raw(tmp_path, appended))
+
+
+def alias_bomb(levels: int = 30) -> str:
+    """A "billion laughs" as the value of `base.seed`: 10**levels items once expanded."""
+    lines = ["base:", "  seed:", "    - &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"    - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_aliases_are_refused_before_they_expand(tmp_path):
+    import tracemalloc
+
+    path = _raw(tmp_path, alias_bomb())
+    assert path.stat().st_size < 8000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ParamsError, match=r"line 4: YAML aliases \(\*l0\) are not allowed"):
+            load_params(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20  # bytes: nothing was expanded
+
+
+def test_no_message_quotes_a_whole_value(tmp_path):
+    path = _edit(write_params(tmp_path), lambda d: d["shard"].update(maxcount="x" * 100_000))
+    result = _run(path)
+    assert result.exit_code == 2
+    assert "(100,002 characters)" in result.output and len(result.output) < 400
+
+
+def test_a_params_file_may_start_with_a_bom_and_must_be_utf8(tmp_path):
+    path = write_params(tmp_path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_params(path).base.seed == 0
+    path.write_bytes(path.read_text(encoding="utf-8-sig").encode("utf-16"))
+    with pytest.raises(ParamsError, match="UTF-16 text"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        (
+            {"classifier": "models"},
+            "paths.classifier: models contains paths.stage1 (models/stage1)",
+        ),
+        ({"stage2": "models/stage1/heads"}, "paths.stage2: models/stage1/heads lies inside "),
+        ({"shards": "imgs"}, "paths.shards: imgs is the same path as shard.source.root"),
+        ({"shards": "."}, "paths.shards: . contains paths.raw"),
+        (
+            {"image_store": "data/embeddings.zarr"},
+            "paths.image_store: data/embeddings.zarr is the same path as paths.embeddings",
+        ),
+        ({"metrics": "data/shards"}, "paths.metrics: data/shards/stage1.json lies inside paths"),
+        ({"raw": "data"}, "paths.shards: data/shards lies inside paths.raw (data)"),
+    ],
+)
+def test_overlapping_paths_are_refused_whichever_stage_runs(tmp_path, monkeypatch, paths, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    defaults = {f.name: str(getattr(PathsParams(), f.name)) for f in fields(PathsParams)}
+    params = write_params(
+        tmp_path,
+        paths={**defaults, **paths},
+        shard={"source": {"name": "imagefolder", "root": "imgs"}},
+    )
+    for stage in ("shard", "package"):
+        result = CliRunner().invoke(main, [stage, "--params", str(params)])
+        assert result.exit_code == 2, result.output
+        assert f"params.yaml: {message}" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "params.yaml"]
+
+
+def test_a_list_as_source_name_is_one_line(tmp_path):
+    path = _edit(write_params(tmp_path), lambda d: d["shard"].update(source={"name": ["digits"]}))
+    result = _run(path)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "shard.source.name: must be a source name, got ['digits']" in result.output

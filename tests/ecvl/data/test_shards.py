@@ -1,5 +1,6 @@
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -20,7 +21,13 @@ from ecvl.data.reader import (
     take,
     train_pipeline,
 )
-from ecvl.data.shards import SHARD_MTIME, load_manifest, write_manifest, write_split_shards
+from ecvl.data.shards import (
+    SHARD_MTIME,
+    image_member,
+    load_manifest,
+    write_manifest,
+    write_split_shards,
+)
 from ecvl.data.sources import ListSource, Split
 from ecvl.errors import DataError
 from support import make_images
@@ -47,7 +54,12 @@ def _write(tmp_path, split, maxcount=5, name="train", encoding="png"):
     )
     write_manifest(
         out,
-        {"classes": list(CLASSES), "class_groups": ["many"] * 3, "splits": {name: res.to_json()}},
+        {
+            "classes": list(CLASSES),
+            "class_groups": ["many"] * 3,
+            "splits": {name: res.to_json()},
+            "source_fingerprint": res.fingerprint,
+        },
     )
     return out, res
 
@@ -348,3 +360,57 @@ def test_truncated_raw_member_is_refused(tmp_path):
         decode_npy(data[:-1])
     with pytest.raises(ValueError, match="not a .npy array"):
         decode_npy(b"\x89PNG\r\n\x1a\n" + data)
+
+
+def _edited_manifest(tmp_path, edit):
+    out, _ = _write(tmp_path, _split(6))
+    data = json.loads((out / "meta.json").read_text())
+    edit(data)
+    (out / "meta.json").write_text(json.dumps(data))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d.clear() or d.update(format=None), "format None"),
+        (lambda d: d.pop("classes"), "classes: missing"),
+        (
+            lambda d: d.update(classes=["a", "b"]),
+            r"splits.train.per_class: 3 counts, but `classes` names only 2",
+        ),
+        (lambda d: d["splits"]["train"].pop("shards"), "splits.train.shards: missing"),
+        (
+            lambda d: d["splits"]["train"].update(count="6"),
+            "splits.train.count: must be an integer",
+        ),
+        (
+            lambda d: d["splits"]["train"]["shards"][0].update(name="../x.tar"),
+            "must be a file name",
+        ),
+        (lambda d: d["splits"]["train"]["shards"][0].update(count=4), "hold 5 samples, but"),
+        (lambda d: d.update(class_groups=["many"]), "class_groups: must give"),
+        (lambda d: d.update(splits={"val": d["splits"]["train"]}), "splits: no train split"),
+    ],
+)
+def test_a_manifest_is_checked_field_by_field(tmp_path, edit, match):
+    out = _edited_manifest(tmp_path, edit)
+    with pytest.raises(DataError, match=match):
+        load_manifest(out)
+
+
+def test_a_manifest_that_is_not_an_object_or_not_utf8_is_one_error(tmp_path):
+    out, _ = _write(tmp_path, _split(6))
+    (out / "meta.json").write_text("[]")
+    with pytest.raises(DataError, match=r"meta.json: a JSON list, not a shard manifest"):
+        load_manifest(out)
+    (out / "meta.json").write_bytes(b'{"a": "\xe9"}')
+    with pytest.raises(DataError, match=r"meta.json: not UTF-8 text \(byte 7 is 0xe9\)"):
+        load_manifest(out)
+
+
+def test_leakage_digests_are_one_per_written_image(tmp_path):
+    split = _split(6)
+    _, res = _write(tmp_path, split)
+    assert len(res.digests) == 6
+    assert res.digests[0] == hashlib.sha256(image_member(split, 0, "png")[0]).digest()

@@ -13,9 +13,11 @@ from ecvl.data.sources import (
     ListSource,
     NpzSource,
     PlacesLTSource,
+    check_classes,
     load_restricted_pickle,
     make_key,
     read_classnames,
+    read_list_file,
 )
 from ecvl.errors import DataError
 from support import write_npz
@@ -146,7 +148,7 @@ def test_list_source_bad_lines(tmp_path, line, match):
 
 def test_list_source_duplicate_entry(tmp_path):
     (tmp_path / "train.txt").write_text("a.png 0\na.png 0\n")
-    with pytest.raises(DataError, match="same key 'a'"):
+    with pytest.raises(DataError, match="a.png is listed more than once"):
         ListSource(root=tmp_path, train=tmp_path / "train.txt").load()
 
 
@@ -228,3 +230,75 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 def test_make_key_is_tar_safe():
     assert make_key("n01440764/n01440764_10026.JPEG") == "n01440764_n01440764_10026_JPEG"
     assert "." not in make_key("a.b.c") and "/" not in make_key("a/b")
+
+
+def test_keys_of_ascii_paths_are_unchanged_and_others_get_a_short_hash():
+    # ASCII ids keep the keys existing shards and dvc.lock were made with
+    assert make_key("cat/0") == "cat_0"
+    assert make_key("my cat/IMG 1") == "my_cat_IMG_1"
+    # non-ASCII characters would be lost: a hash of the whole id keeps keys apart
+    cat, dog = make_key("猫/0"), make_key("犬/0")
+    assert cat != dog and cat.startswith("0_") and dog.startswith("0_")
+    assert make_key("кошка/0") not in (cat, dog) and make_key("猫/0") == cat  # stable
+    assert all(k.isascii() and "." not in k and "/" not in k for k in (cat, dog))
+
+
+def _png(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_non_ascii_class_folders_keep_their_names_and_unique_keys(tmp_path):
+    names = ["кошка", "собака", "犬", "猫", "鳥"]
+    for c, name in enumerate(names):
+        for i in range(2):
+            _png(tmp_path / name / f"{i}.png", 10 * c + i)
+    src = ImageFolderSource(root=tmp_path).load()
+    assert src.classes == tuple(sorted(names))
+    keys = src.splits["train"].keys
+    assert len(keys) == 10 and len(set(keys)) == 10
+
+
+def test_a_png_beside_a_jpg_of_the_same_name_are_two_images(tmp_path):
+    _png(tmp_path / "cat" / "0.png", 1)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "cat" / "0.jpg")
+    _png(tmp_path / "cat" / "1.png", 2)
+    _png(tmp_path / "dog" / "0.png", 3)
+    keys = ImageFolderSource(root=tmp_path).load().splits["train"].keys
+    # only the colliding pair is told apart; every other key is as it always was
+    assert keys == ["cat_0_jpg", "cat_0_png", "cat_1", "dog_0"]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("Dog", "dog"), ("sea_lion", "sea lion"), ("t-shirt", "tshirt"), ("a  b", "A b")],
+)
+def test_class_names_that_read_alike_to_the_text_encoder_are_refused(tmp_path, names):
+    write_npz(tmp_path / "train.npz", [0, 1], list(names))
+    with pytest.raises(DataError, match=rf"classes 0 '{names[0]}' and 1 '{names[1]}' read alike"):
+        NpzSource(train=tmp_path / "train.npz").load()
+
+
+def test_class_names_that_only_look_alike_are_kept(tmp_path):
+    write_npz(tmp_path / "train.npz", [0, 1, 2], ["crane", "crane bird", "猫"])
+    assert NpzSource(train=tmp_path / "train.npz").load().classes == ("crane", "crane bird", "猫")
+
+
+def test_text_inputs_may_start_with_a_bom_and_must_be_utf8(tmp_path):
+    (tmp_path / "names.txt").write_bytes("\ufeffcat\ndog\n".encode())
+    assert read_classnames(tmp_path / "names.txt") == ("cat", "dog")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "train.txt").write_bytes("\ufeffa.png 0\n".encode())
+    paths, labels = read_list_file(tmp_path / "train.txt", tmp_path / "img")
+    assert paths == [tmp_path / "img/a.png"] and labels.tolist() == [0]
+    (tmp_path / "latin.txt").write_bytes("chat\nb\xe9b\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt: not UTF-8 text \(byte 6 is 0xe9\)"):
+        read_classnames(tmp_path / "latin.txt")
+    (tmp_path / "utf16.txt").write_bytes("cat\n".encode("utf-16"))
+    with pytest.raises(DataError, match="utf16.txt: UTF-16 text"):
+        read_list_file(tmp_path / "utf16.txt", tmp_path)
+
+
+def test_imagenet_class_names_do_not_read_alike():
+    check_classes(ImageNetLTSource().default_classnames(1000), "imagenet")  # no error
