@@ -75,6 +75,7 @@ def digits_train_shards(
     write_manifest(
         root,
         {
+            "source_fingerprint": f"digits:{len(split)}:{encoding}",
             "classes": list(source.classes),
             "class_groups": ["many"] * len(source.classes),
             "splits": {"train": written.to_json()},

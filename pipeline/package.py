@@ -10,6 +10,7 @@ count of every class, and that head's rows of `metrics/eval.json`. Written atomi
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from ecvl.data.shards import Manifest, load_manifest
 from ecvl.data.textfiles import read_json
 from ecvl.errors import DataError, ModelError
 from ecvl.metrics import SUMMARY_KEYS
-from ecvl.models.adapter import ADAPTER_CONFIG
+from ecvl.models.adapter import ADAPTER_CONFIG, ResidualAdapter, save_head
 from pipeline.artifacts import check_embeddings, model_digest, read_stage1_info
 from pipeline.evaluate import ROW_NAMES
 from pipeline.io import atomic_dir
@@ -48,7 +49,7 @@ def run(params: Params) -> None:
         )
     check_embeddings(emb, manifest, paths.embeddings, paths.shards)
     head_dir = paths.stage2 / mode
-    if not (head_dir / ADAPTER_CONFIG).is_file():
+    if mode != "stage1" and not (head_dir / ADAPTER_CONFIG).is_file():
         raise ModelError(f"no trained {mode!r} head in {head_dir} (run `ecvl stage2`)")
     metrics = _metrics(paths.metrics / "eval.json", mode)
 
@@ -62,6 +63,10 @@ def run(params: Params) -> None:
         "metrics": metrics,
     }
     with atomic_dir(paths.classifier) as tmp:
+        if mode == "stage1":  # no stage-II head: the identity adapter (lambda = 0, eq. 7)
+            head_dir = tmp / ".stage1-head"
+            identity = ResidualAdapter(emb.embed_dim, 0.0, seed=0)
+            save_head(head_dir, identity.state_dict(), identity.config(), mode="stage1")
         write_classifier(
             tmp,
             backbone_dir=paths.stage1,
@@ -72,6 +77,8 @@ def run(params: Params) -> None:
             info=info,
             card=_card(mode, stage1, emb.templates, manifest, metrics),
         )
+        if mode == "stage1":
+            shutil.rmtree(head_dir)
     log.info(
         "wrote %s (%s + head %r, %d classes)",
         paths.classifier,
@@ -81,12 +88,17 @@ def run(params: Params) -> None:
     )
 
 
+def _row(mode: str) -> str:
+    """The shipped head's row in `metrics/eval.json`."""
+    return "stage1" if mode == "stage1" else f"stage2_{mode}"
+
+
 def _metrics(path, mode: str) -> dict[str, dict]:
     """The shipped head's row of every evaluated split."""
     if not path.is_file():
         raise DataError(f"{path} not found (run `ecvl evaluate` first)")
     data = read_json(path)
-    row = f"stage2_{mode}"
+    row = _row(mode)
     if not isinstance(data, dict) or not all(isinstance(r, dict) for r in data.values()):
         raise DataError(f"{path}: not the metrics `ecvl evaluate` writes (re-run it)")
     out = {split: rows[row] for split, rows in data.items() if row in rows}
@@ -106,7 +118,8 @@ def _card(mode: str, stage1: dict, templates, manifest: Manifest, metrics: dict)
     thresholds = data.get("group_thresholds", {})
     sizes = ", ".join(f"{s} {manifest.count(s)}" for s in manifest.splits)
     lines = [
-        f"# Classifier: `{stage1['model']}` + stage-II head `{mode}`",
+        f"# Classifier: `{stage1['model']}` + "
+        + ("no stage-II head (stage I)" if mode == "stage1" else f"stage-II head `{mode}`"),
         "",
         "Written by `ecvl package`. Use it with `ecvl predict --model <this dir> IMAGES... "
         "--out predictions.csv`, or in Python with `ecvl.load_classifier(<this dir>)`.",
@@ -116,7 +129,8 @@ def _card(mode: str, stage1: dict, templates, manifest: Manifest, metrics: dict)
         f"- Backbone: open_clip `{stage1['model']}`, fine-tuned by stage I from "
         + (f"`{start}`" if (start := stage1.get("pretrained")) else "random init")
         + "; `backbone/` is open_clip's `local-dir` format.",
-        f"- Head: {ROW_NAMES.get(f'stage2_{mode}', mode)} (`adapter.json`).",
+        f"- Head: {ROW_NAMES.get(_row(mode), mode)} (`adapter.json`"
+        + ("; the identity, λ = 0: stage I's own prediction)." if mode == "stage1" else ")."),
         "- Prediction: the class whose text embedding is closest (cosine) to the adapted image "
         "embedding (eq. 6); probabilities are the softmax of the cosines times the model's "
         "logit scale.",
@@ -137,7 +151,7 @@ def _card(mode: str, stage1: dict, templates, manifest: Manifest, metrics: dict)
         "| --- | --- | ---: |",
         *(f"| {c} | {g} | {n} |" for c, g, n in zip(classes, groups, counts, strict=True)),
         "",
-        f"## Evaluation (`metrics/eval.json`, row `stage2_{mode}`, percent)",
+        f"## Evaluation (`metrics/eval.json`, row `{_row(mode)}`, percent)",
         "",
         "| split | " + " | ".join(_COLUMNS[k] for k in SUMMARY_KEYS) + " |",
         "| --- |" + " ---: |" * len(SUMMARY_KEYS),

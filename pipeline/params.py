@@ -284,9 +284,10 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class PackageParams:
-    """The classifier `ecvl predict` runs: the stage-I model with one trained stage-II head."""
+    """The classifier `ecvl predict` runs: the stage-I model with one trained stage-II head, or
+    with none (`stage1`: stage I's own eq.-6 prediction), whichever row does best on val."""
 
-    mode: Stage2Mode = "ecvl"  # which of stage2.modes to ship
+    mode: Literal[("stage1", *MODES)] = "ecvl"  # stage1, or one of stage2.modes
 
 
 @dataclass(frozen=True)
@@ -314,10 +315,10 @@ class Params:
                 f"{self.export.bank_views}"
             )
         # Before any stage runs, not after stage II: a head that is never trained cannot ship.
-        if self.package.mode not in self.stage2.modes:
+        if self.package.mode != "stage1" and self.package.mode not in self.stage2.modes:
             raise ParamsError(
                 f"{where}.package.mode: {self.package.mode!r} is not trained "
-                f"(stage2.modes: {', '.join(self.stage2.modes)}); ship one of those"
+                f"(stage2.modes: {', '.join(self.stage2.modes)}); ship one of those or stage1"
             )
         check_overlaps(self, where)
 

@@ -35,7 +35,7 @@ from ecvl.precision import resolve_precision
 from ecvl.reencode import SelectiveEncoder
 from ecvl.stage2 import Stage2Config, Stage2Trainer, predict_cached
 from ecvl.views import ViewRenderer
-from pipeline.artifacts import load_stage1, model_digest
+from pipeline.artifacts import check_embeddings, load_stage1, model_digest
 from pipeline.epochs import run_epochs, write_results
 from pipeline.io import atomic_dir, code_digest, fingerprint
 from pipeline.params import Params
@@ -199,8 +199,7 @@ def _check_caches(params: Params, caches: TrainCaches, manifest, digest: str) ->
             f"{paths.embeddings} was exported from another stage-I model than "
             f"{paths.stage1} (re-run `ecvl export`)"
         )
-    if list(emb.classes) != list(manifest.classes):
-        raise DataError(f"{paths.embeddings} and {paths.shards} have different classes")
+    check_embeddings(emb, manifest, paths.embeddings, paths.shards)
     bank, asked = caches.bank, params.export.bank_views
     if bank is not None and bank.checkpoint_digest != digest:
         raise DataError(

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ecvl.data.textfiles import read_json
 from ecvl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -687,7 +688,7 @@ class _BankFiles:
 
     @classmethod
     def open(cls, directory: Path, array: zarr.Array) -> _BankFiles | None:
-        meta = json.loads((directory / "zarr.json").read_text())
+        meta = read_json(directory / "zarr.json")
         n, e, d = (int(v) for v in array.shape)
         try:
             (codec,) = meta["codecs"]

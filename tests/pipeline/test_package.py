@@ -56,7 +56,7 @@ def _test_split_predictions(classifier_dir, root):
     return torch.cat(preds)
 
 
-@pytest.mark.parametrize("mode", ["ecvl", "linear_probe"])
+@pytest.mark.parametrize("mode", ["ecvl", "linear_probe", "stage1"])
 def test_classifier_reproduces_evaluate_exactly(pipeline_run, tmp_path, mode):
     root = pipeline_run
     classifier_dir = root / "models/classifier"
@@ -70,12 +70,17 @@ def test_classifier_reproduces_evaluate_exactly(pipeline_run, tmp_path, mode):
         )
         assert _invoke("package", "--params", params).exit_code == 0
     emb = open_embeddings(root / "data/embeddings.zarr")
-    evaluated = predict_cached(
-        load_adapter(root / "models/stage2" / mode),
-        emb.split("test").features,
-        torch.from_numpy(emb.text_features()),
-        "cpu",
-    )
+    features = torch.from_numpy(emb.split("test").features).float()
+    text = torch.from_numpy(emb.text_features())
+    if mode == "stage1":  # no head: eq. 6 on the cached embedding, as evaluate's stage I row
+        evaluated = (torch.nn.functional.normalize(features, dim=-1) @ text.T).argmax(dim=1)
+        shipped = json.loads((classifier_dir / "classifier.json").read_text())
+        rows = json.loads((root / "metrics/eval.json").read_text())
+        assert shipped["metrics"]["test"] == rows["test"]["stage1"]
+    else:
+        evaluated = predict_cached(
+            load_adapter(root / "models/stage2" / mode), features, text, "cpu"
+        )
     got = _test_split_predictions(classifier_dir, root)
     assert got.shape == (100,)
     assert torch.equal(got, evaluated)
