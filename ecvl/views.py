@@ -28,7 +28,7 @@ import torch
 
 from ecvl.augment import ViewPlan
 from ecvl.batch_randaugment import apply_plans
-from ecvl.data.batch_augment import BatchAugment, _centre_square
+from ecvl.data.batch_augment import BatchAugment, centre_square
 from ecvl.data.batch_norm import BatchNormalize
 from ecvl.errors import DataError, ModelError
 
@@ -112,7 +112,7 @@ class ViewRenderer:
         if self.resize_mode == "squash":
             top, left, kh, kw = torch.zeros_like(h), torch.zeros_like(w), h, w
         else:  # the canvas (the crop at the image's size) loses the eval transform's margins
-            top, left, kh, kw = _centre_square(h, w, self.side).unbind(1)
+            top, left, kh, kw = centre_square(h, w, self.side).unbind(1)
         # the canvas is mirrored before the centre crop: the kept columns, unmirrored
         left = torch.where(flip, w - left - kw, left)
         plan = torch.stack([y0 + top * sy, x0 + left * sx, kh * sy, kw * sx, flip.double()], 1)

@@ -205,7 +205,7 @@ class BatchAugment:
             tap = torch.clamp(base[..., None] + offsets, lo[..., None], hi[..., None])
             weights = _filter(self.interpolation, False, (real - base)[..., None] - offsets)
         if self.kind == "pad_crop":  # zero where the centre falls outside the centre square
-            square = _centre_square(torch.tensor([height]), torch.tensor([width]), size)
+            square = centre_square(torch.tensor([height]), torch.tensor([width]), size)
             inside = square.to(device=device, dtype=torch.float32).view(2, 2).T[None, ..., None]
             centre = start + scale * (i + 0.5)
             begin, end = inside[:, :, 0], inside[:, :, 0] + inside[:, :, 1]
@@ -298,7 +298,7 @@ def _draw_resized_crop(
     return torch.where(valid.any(1, keepdim=True), box, fallback)
 
 
-def _centre_square(h: torch.Tensor, w: torch.Tensor, size: int) -> torch.Tensor:
+def centre_square(h: torch.Tensor, w: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 4) float64 top, left, height, width in source pixels of what Resize(size) (shorter
     side) + CenterCrop(size) keep: the whole image when it is square."""
     h, w = h.double(), w.double()
@@ -316,7 +316,7 @@ def _draw_pad_crop(
 ) -> torch.Tensor:
     """The source box that Resize(size) + CenterCrop(size) + zero-pad by `pad` + RandomCrop(size)
     selects, in source pixels: the centre square shifted by whole resized pixels."""
-    square = _centre_square(h, w, size)
+    square = centre_square(h, w, size)
     offsets = torch.randint(0, 2 * pad + 1, (len(h), 2), generator=generator).double() - pad
     return square + torch.cat([offsets * square[:, 2:] / size, torch.zeros_like(offsets)], 1)
 
@@ -367,4 +367,4 @@ def batch_augment_for(
     )
 
 
-__all__ = ["AUGMENT_KINDS", "BatchAugment", "batch_augment_for"]
+__all__ = ["AUGMENT_KINDS", "BatchAugment", "batch_augment_for", "centre_square"]
