@@ -4,11 +4,14 @@ file layout and sizes, with real JPEG decoding:
 
     python benchmarks/standin_tree.py imagenet-lt-train \\
         --val ../shared/data/imagenet_lt/ImageNet_LT_val.txt \\
-        --out /work/standin/ImageNet_LT_train.txt
+        --out /work/standin/imagenet_lt/ImageNet_LT_train.txt
     python benchmarks/standin_tree.py tree --root /work/standin/imagenet_lt \\
-        /work/standin/ImageNet_LT_train.txt ../shared/data/imagenet_lt/ImageNet_LT_{val,test}.txt
-    python benchmarks/standin_tree.py subset --fraction 0.02 --out-dir /work/standin/lists_2pct \\
+        /work/standin/imagenet_lt/ImageNet_LT_train.txt \\
+        ../shared/data/imagenet_lt/ImageNet_LT_{val,test}.txt
+    python benchmarks/standin_tree.py tree --root /work/standin/places_lt \\
         ../shared/data/places_lt/Places_LT_{train,val,test}.txt
+    python benchmarks/standin_tree.py subset --fraction 0.02 \\
+        --out-dir /work/standin/lists_2pct/places_lt ../shared/data/places_lt/Places_LT_*.txt
 
 `tree` writes one JPEG (`--size` px square, default 64, quality 90) at every path the lists
 name, under `--root`. Pixels: a CIFAR-100 image from the 500-per-class pool
