@@ -221,15 +221,29 @@ def _per_class_outputs(params: Params, manifest, predictions, truth) -> None:
     write_csv(paths.plots / "per_class.csv", rows)
     _plot_per_class(paths.reports / "per_class.png", manifest, accs, split)
     _plot_class_scores(paths.reports / "class_scores.png", manifest, params)
-    # One row per sample of the last row's predictions: DVC's confusion template counts them.
     last = list(predictions[split])[-1]
     write_csv(
         paths.plots / "predictions.csv",
-        [
-            {"actual": manifest.classes[int(t)], "predicted": manifest.classes[int(p)]}
-            for t, p in zip(truth[split], predictions[split][last], strict=True)
-        ],
+        prediction_rows(truth[split], predictions[split][last], manifest),
     )
+
+
+# Above this many classes `plots/predictions.csv` names Many/Medium/Few instead of classes.
+CONFUSION_MAX_CLASSES = 100
+
+
+def prediction_rows(y_true: np.ndarray, y_pred: np.ndarray, manifest) -> list[dict]:
+    """One row per sample (DVC's confusion template counts them): the actual and predicted
+    class, or above `CONFUSION_MAX_CLASSES` classes their groups (`many`, `medium`, `few`).
+    A 1,000 × 1,000 confusion cannot be read; the 3 × 3 one shows how often tail samples go to
+    head classes, the bias stage II corrects. Per-sample classes: `ecvl predict`."""
+    names = manifest.classes
+    if manifest.num_classes > CONFUSION_MAX_CLASSES:
+        names = manifest.class_groups
+    return [
+        {"actual": names[int(t)], "predicted": names[int(p)]}
+        for t, p in zip(y_true, y_pred, strict=True)
+    ]
 
 
 def _group_bounds(manifest) -> list[tuple[float, str]]:
