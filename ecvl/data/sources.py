@@ -458,7 +458,7 @@ class ListSource:
     classnames: Path | None = None
 
     def default_classnames(
-        self, num_classes: int, listed: dict[str, tuple[Path, list[Path], np.ndarray]]
+        self, num_classes: int, listed: dict[str, tuple[Path, list[Path], np.ndarray]] | None = None
     ) -> tuple[str, ...]:
         """Class names when no `classnames` file is given; `listed` maps each split to (its
         list file, image paths, labels), for sources whose paths name the classes."""
@@ -493,7 +493,7 @@ class ImageNetLTSource(ListSource):
 
     name: ClassVar[str] = "imagenet_lt"
 
-    def default_classnames(self, num_classes: int, listed: dict) -> tuple[str, ...]:
+    def default_classnames(self, num_classes: int, listed: dict | None = None) -> tuple[str, ...]:
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
         if num_classes > len(IMAGENET_CLASSNAMES):
@@ -515,9 +515,9 @@ class PlacesLTSource(ListSource):
     name: ClassVar[str] = "places_lt"
 
     def default_classnames(
-        self, num_classes: int, listed: dict[str, tuple[Path, list[Path], np.ndarray]]
+        self, num_classes: int, listed: dict[str, tuple[Path, list[Path], np.ndarray]] | None = None
     ) -> tuple[str, ...]:
-        return classnames_from_folders(num_classes, listed)
+        return classnames_from_folders(num_classes, listed or {})
 
 
 def classnames_from_folders(

@@ -75,3 +75,20 @@ def test_workdir_params_moves_artifacts_and_swaps_lists(tmp_path):
     assert out["shard"]["source"]["val"] == str(tmp_path / "lists" / "ImageNet_LT_val.txt")
     assert out["stage1"]["epochs"] == 3 and out["stage2"]["modes"] == ["ecvl"]
     assert data["stage1"]["epochs"] == 1  # the loaded config is left as it was
+
+
+def _keys(data: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in data.items():
+        out.add(prefix + key)
+        if isinstance(value, dict) and key not in ("source", "test_source"):
+            out |= _keys(value, f"{prefix}{key}.")
+    return out
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_spells_out_every_params_yaml_key(config):
+    """A whole params file, as the presets are: a key params.yaml gains or loses shows here."""
+    assert _keys(yaml.safe_load(config.read_text())) == _keys(
+        yaml.safe_load((REPO / "params.yaml").read_text())
+    )

@@ -219,7 +219,7 @@ def test_lt_prompts_tokenize_apart(tmp_path):
 
     tokenizer = open_clip.get_tokenizer("RN50")
     places = PlacesLTSource(root=tmp_path, train=PLACES / "Places_LT_train.txt").load().classes
-    for classes in (ImageNetLTSource().default_classnames(1000, {}), places):
+    for classes in (ImageNetLTSource().default_classnames(1000), places):
         tokens = tokenizer([f"a photo of a {c.replace('_', ' ')}." for c in classes])
         assert len({tuple(t.tolist()) for t in tokens}) == len(classes)
         assert int((tokens != 0).sum(dim=1).max()) <= 32  # the tiny models' context length

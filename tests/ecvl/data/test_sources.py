@@ -170,7 +170,7 @@ def test_imagenet_lt_prompts_are_unique():
     source renames one of each, so no two classes share a prompt."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    names = ImageNetLTSource().default_classnames(1000, {})
+    names = ImageNetLTSource().default_classnames(1000)
     assert len(set(IMAGENET_CLASSNAMES)) == 998  # what the rename is for
     assert len(set(names)) == 1000
     assert names[657] == "missile" and names[744] == "projectile"
