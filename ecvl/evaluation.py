@@ -94,14 +94,16 @@ def evaluate_clip(
 def _encoded(
     model: nn.Module, batches: Iterable, device: torch.device, precision: str, normalize: bool
 ) -> Iterator[tuple]:
+    """Inference mode covers each forward, never a `yield`: it is a per-thread switch, so a
+    generator suspended inside it would keep the caller's whole thread in inference mode, and a
+    consumer that stops on an exception leaves it on until the generator is collected (a model
+    created meanwhile gets inference-tensor weights that cannot be loaded into)."""
     model.eval()
-    with torch.inference_mode():
-        for images, labels, keys, *rest in batches:
-            with autocast(device, precision):
-                feats = model.encode_image(
-                    images.to(device, non_blocking=True), normalize=normalize
-                )
-            yield feats.float(), labels, list(keys), *rest
+    for images, labels, keys, *rest in batches:
+        with torch.inference_mode(), autocast(device, precision):
+            feats = model.encode_image(images.to(device, non_blocking=True), normalize=normalize)
+            feats = feats.float()
+        yield feats, labels, list(keys), *rest
 
 
 def encode_loader(

@@ -221,15 +221,29 @@ def _per_class_outputs(params: Params, manifest, predictions, truth) -> None:
     write_csv(paths.plots / "per_class.csv", rows)
     _plot_per_class(paths.reports / "per_class.png", manifest, accs, split)
     _plot_class_scores(paths.reports / "class_scores.png", manifest, params)
-    # One row per sample of the last row's predictions: DVC's confusion template counts them.
     last = list(predictions[split])[-1]
     write_csv(
         paths.plots / "predictions.csv",
-        [
-            {"actual": manifest.classes[int(t)], "predicted": manifest.classes[int(p)]}
-            for t, p in zip(truth[split], predictions[split][last], strict=True)
-        ],
+        prediction_rows(truth[split], predictions[split][last], manifest),
     )
+
+
+# Above this many classes `plots/predictions.csv` names Many/Medium/Few instead of classes.
+CONFUSION_MAX_CLASSES = 100
+
+
+def prediction_rows(y_true: np.ndarray, y_pred: np.ndarray, manifest) -> list[dict]:
+    """One row per sample (DVC's confusion template counts them): the actual and predicted
+    class, or above `CONFUSION_MAX_CLASSES` classes their groups (`many`, `medium`, `few`).
+    A 1,000 × 1,000 confusion cannot be read; the 3 × 3 one shows how often tail samples go to
+    head classes, the bias stage II corrects. Per-sample classes: `ecvl predict`."""
+    names = manifest.classes
+    if manifest.num_classes > CONFUSION_MAX_CLASSES:
+        names = manifest.class_groups
+    return [
+        {"actual": names[int(t)], "predicted": names[int(p)]}
+        for t, p in zip(y_true, y_pred, strict=True)
+    ]
 
 
 def _group_bounds(manifest) -> list[tuple[float, str]]:
@@ -263,6 +277,21 @@ def _count_axis(ax, manifest) -> None:
     ax.grid(alpha=0.3)
 
 
+def _count_bins(counts: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Classes grouped by train count into at most `bins` log-spaced bins: (bin of each class,
+    the bins that hold a class, each such bin's geometric-mean count)."""
+    positive = np.maximum(np.asarray(counts, dtype=float), 1.0)
+    bins = min(bins, len(np.unique(positive)))
+    if bins > 1:
+        edges = np.geomspace(positive.min(), positive.max() * 1.0001, bins + 1)
+        which = np.clip(np.searchsorted(edges, positive, side="right") - 1, 0, bins - 1)
+    else:
+        which = np.zeros(len(positive), dtype=int)
+    used = np.unique(which)
+    centres = np.array([np.exp(np.log(positive[which == b]).mean()) for b in used])
+    return which, used, centres
+
+
 def _plot_per_class(path, manifest, accs, split) -> None:
     """One line per model: the mean accuracy of the classes in each log-spaced train-count bin
     (dots: the bins' classes), legend beside the axes, so six models stay readable."""
@@ -271,17 +300,7 @@ def _plot_per_class(path, manifest, accs, split) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = np.asarray(manifest.train_counts, dtype=float)
-    positive = np.maximum(counts, 1.0)
-    bins = min(10, len(np.unique(positive)))
-    edges = np.geomspace(positive.min(), positive.max() * 1.0001, bins + 1) if bins > 1 else None
-    which = (
-        np.zeros(len(counts), dtype=int)
-        if edges is None
-        else np.clip(np.searchsorted(edges, positive, side="right") - 1, 0, bins - 1)
-    )
-    used = np.unique(which)
-    centres = np.array([np.exp(np.log(positive[which == b]).mean()) for b in used])
+    which, used, centres = _count_bins(manifest.train_counts)
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
     for row, acc in accs.items():
         means = np.array([acc[which == b].mean() for b in used])
@@ -298,7 +317,11 @@ def _plot_per_class(path, manifest, accs, split) -> None:
 
 def _plot_class_scores(path, manifest, params: Params) -> None:
     """Class mean memorisation score M after the last epoch against the class's train count,
-    one series per stage-II mode with a momentum trace; the legend gives Spearman's rho."""
+    one series per stage-II mode with a momentum trace; the legend gives Spearman's rho.
+
+    Each class is a dot and each mode's line joins the mean M of the classes in each
+    log-spaced train-count bin (as in `per_class.png`): at hundreds of classes the dots of
+    four modes cover one another, so they fade with K and the lines carry the comparison."""
     import h5py
     import matplotlib
 
@@ -309,6 +332,8 @@ def _plot_class_scores(path, manifest, params: Params) -> None:
 
     counts = np.asarray(manifest.train_counts, dtype=float)
     k = manifest.num_classes
+    which, used, centres = _count_bins(counts)
+    dot_size, dot_alpha = (12, 0.7) if k <= 50 else (5, max(0.15, min(0.5, 25 / k)))
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
     for mode in params.stage2.modes:
         trace = params.paths.stage2 / mode / TRACE
@@ -321,9 +346,12 @@ def _plot_class_scores(path, manifest, params: Params) -> None:
         )
         rho = spearman(per_class, counts)
         label = f"{ROW_NAMES.get(f'stage2_{mode}', mode)} (Spearman {rho:+.2f})"
-        ax.scatter(counts, per_class, s=12, alpha=0.7, label=label)
+        dots = ax.scatter(counts, per_class, s=dot_size, alpha=dot_alpha, linewidths=0)
+        means = np.array([per_class[which == b].mean() for b in used])
+        colour = dots.get_facecolor()[0][:3]
+        ax.plot(centres, means, marker="o", ms=4, lw=1.5, color=colour, label=label)
     _count_axis(ax, manifest)
-    ax.set_ylabel("class mean memorisation score M (last epoch)")
+    ax.set_ylabel("class mean memorisation score M (last epoch)\nlines: mean over the bin")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()

@@ -146,10 +146,7 @@ def _card(mode: str, stage1: dict, templates, manifest: Manifest, metrics: dict)
         f"Few < {thresholds.get('few_below')}, Medium in between: "
         + ", ".join(f"{g.capitalize()} {groups.count(g)}" for g in ("many", "medium", "few"))
         + ".",
-        "",
-        "| class | group | train images |",
-        "| --- | --- | ---: |",
-        *(f"| {c} | {g} | {n} |" for c, g, n in zip(classes, groups, counts, strict=True)),
+        "- Every class with its group and train images: [Classes](#classes), at the end.",
         "",
         f"## Evaluation (`metrics/eval.json`, row `{_row(mode)}`, percent)",
         "",
@@ -159,6 +156,13 @@ def _card(mode: str, stage1: dict, templates, manifest: Manifest, metrics: dict)
             f"| {split} | " + " | ".join(_percent(row.get(k)) for k in SUMMARY_KEYS) + " |"
             for split, row in metrics.items()
         ),
+        "",
+        # Last, so that at 1,000 classes the evaluation does not sit below a 1,000-row table.
+        "## Classes",
+        "",
+        "| class | group | train images |",
+        "| --- | --- | ---: |",
+        *(f"| {c} | {g} | {n} |" for c, g, n in zip(classes, groups, counts, strict=True)),
         "",
     ]
     return "\n".join(lines)

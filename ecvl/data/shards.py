@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,13 +362,86 @@ def count_samples(shard: Path | str) -> int:
     A tar cut short counts the samples before the cut, a file that is not a tar none.
     webdataset itself stops silently at a truncated tar, so a stage that trusted it would
     train on part of the data; every stage checks the counts before reading.
+
+    Counts what `tarfile` iterates (tested against it on cut and corrupted shards): headers
+    are read where `tarfile` reads them and their checksums verified, and the count stops
+    where it would stop (a short or invalid header, an end-of-archive block, a member whose
+    data runs past the end of the file). `tarfile` itself builds an object per member, about
+    80 µs per three-member sample: 15 s at every stage start for ImageNet-LT's 186k samples.
     """
     n = 0
     try:
-        with tarfile.open(shard, mode="r:") as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".cls"):
+        with open(shard, "rb") as f:
+            offset, long_name = 0, None
+            while True:
+                f.seek(offset)
+                header = f.read(BLOCK)  # short past the end: the last member was cut
+                if len(header) < BLOCK or header.count(0) == BLOCK:
+                    break
+                if not _checksum_ok(header):
+                    break
+                size = _octal(header[124:136])
+                if size is None:
+                    break
+                kind = header[156:157]
+                offset += BLOCK + size + (-size % BLOCK)
+                if kind in (b"L", b"x"):  # GNU long name / PAX record of the next member
+                    data = f.read(size)
+                    if len(data) < size:
+                        break
+                    long_name = (
+                        data.rstrip(b"\0") if kind == b"L" else _pax_path(data)
+                    ) or long_name
+                    continue
+                name = long_name if long_name is not None else header[0:100].split(b"\0", 1)[0]
+                long_name = None
+                if kind in (b"0", b"\0", b"7") and name.endswith(b".cls"):
                     n += 1
-    except (tarfile.TarError, OSError, EOFError):
+    except OSError:
         pass
     return n
+
+
+BLOCK = 512
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """The header's checksum field matches its bytes (unsigned or signed sum, as `tarfile`)."""
+    stored = _octal(header[148:156])
+    if stored is None:
+        return False
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+    if stored == unsigned:
+        return True
+    high = sum(1 for b in header[:148] + header[156:] if b >= 128)
+    return stored == unsigned - 256 * high
+
+
+def _octal(field: bytes) -> int | None:
+    """A numeric header field (octal text, or GNU base-256); None when unreadable."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        return None
+
+
+def _pax_path(data: bytes) -> bytes | None:
+    """The `path` record of a PAX header (records are `<len> <key>=<value>\\n`)."""
+    path, i = None, 0
+    while i < len(data):
+        space = data.find(b" ", i)
+        try:
+            length = int(data[i:space])
+        except ValueError:
+            return path
+        if length <= 0:
+            return path
+        key, _, value = data[space + 1 : i + length - 1].partition(b"=")
+        if key == b"path":
+            path = value
+        i += length
+    return path

@@ -457,7 +457,11 @@ class ListSource:
     test: Path | None = None
     classnames: Path | None = None
 
-    def default_classnames(self, num_classes: int) -> tuple[str, ...]:
+    def default_classnames(
+        self, num_classes: int, listed: dict[str, tuple[Path, list[Path], np.ndarray]] | None = None
+    ) -> tuple[str, ...]:
+        """Class names when no `classnames` file is given; `listed` maps each split to (its
+        list file, image paths, labels), for sources whose paths name the classes."""
         log.warning("no `classnames` file given: prompts will use 'class 0', 'class 1', ...")
         return tuple(f"class {i}" for i in range(num_classes))
 
@@ -474,7 +478,7 @@ class ListSource:
             classes = read_classnames(Path(self.classnames))
         else:
             num = 1 + max(int(labels.max()) for _, _, labels in listed.values())
-            classes = self.default_classnames(num)
+            classes = self.default_classnames(num, listed)
         splits = {}
         for split_name, (path, paths, labels) in listed.items():
             check_labels(labels, len(classes), where=str(path))
@@ -489,7 +493,7 @@ class ImageNetLTSource(ListSource):
 
     name: ClassVar[str] = "imagenet_lt"
 
-    def default_classnames(self, num_classes: int) -> tuple[str, ...]:
+    def default_classnames(self, num_classes: int, listed: dict | None = None) -> tuple[str, ...]:
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
         if num_classes > len(IMAGENET_CLASSNAMES):
@@ -504,14 +508,42 @@ class ImageNetLTSource(ListSource):
 @dataclass(frozen=True)
 class PlacesLTSource(ListSource):
     """Places-LT: `Places_LT_{train,val,test}.txt` over a Places365 root; class names from
-    Places365's `categories_places365.txt` (give it as `classnames`)."""
+    Places365's `categories_places365.txt` when given as `classnames`, else from the lists'
+    folders, which hold the same names (`train/apartment_building-outdoor/...` for
+    `/a/apartment_building/outdoor`: both read "apartment building outdoor")."""
 
     name: ClassVar[str] = "places_lt"
 
-    def default_classnames(self, num_classes: int) -> tuple[str, ...]:
+    def default_classnames(
+        self, num_classes: int, listed: dict[str, tuple[Path, list[Path], np.ndarray]] | None = None
+    ) -> tuple[str, ...]:
+        return classnames_from_folders(num_classes, listed or {})
+
+
+def classnames_from_folders(
+    num_classes: int, listed: dict[str, tuple[Path, list[Path], np.ndarray]]
+) -> tuple[str, ...]:
+    """Class c's name is the folder its listed images sit in (`_` and `-` read as spaces).
+
+    Raises:
+        DataError: a label is listed under two folders, or a label below `num_classes` is
+            listed nowhere (its name is unknown).
+    """
+    folder: dict[int, str] = {}
+    for list_path, paths, labels in listed.values():
+        for label, name in set(zip(labels.tolist(), (p.parent.name for p in paths), strict=True)):
+            if folder.setdefault(label, name) != name:
+                raise DataError(
+                    f"{list_path}: label {label} is listed under folders {folder[label]!r} and "
+                    f"{name!r}, so its class name is ambiguous (give `classnames`)"
+                )
+    missing = [c for c in range(num_classes) if c not in folder]
+    if missing:
         raise DataError(
-            "places_lt needs `classnames`: the path of Places365's categories_places365.txt"
+            f"label {missing[0]} is in no list ({len(missing)} such), so its class name is "
+            "unknown (give `classnames`)"
         )
+    return tuple(folder[c].replace("-", " ").replace("_", " ") for c in range(num_classes))
 
 
 @dataclass(frozen=True)

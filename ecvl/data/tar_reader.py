@@ -120,8 +120,9 @@ def _number(field: bytes, url: str, pos: int) -> int:
 
 def _check_header(header: bytes, url: str, pos: int) -> None:
     """A header that is not a ustar/GNU header is corrupt. The full checksum is not recomputed
-    here (it cost as much as the rest of the parse): every stage checks its shards with
-    `tarfile` first (`ecvl.data.shards.load_manifest` counts the samples), which verifies it."""
+    here (it cost as much as the rest of the parse): every stage checks its shards first
+    (`ecvl.data.shards.load_manifest` counts the samples with `count_samples`, which verifies
+    every header's checksum as `tarfile` does)."""
     if header[257:262] != b"ustar":
         raise DataError(f"{url}: corrupt tar header at byte {pos} (no ustar magic)")
 

@@ -119,6 +119,7 @@ def test_package_contents_and_card(pipeline_run):
         cells = ["–" if row[k] is None else f"{100 * row[k]:.1f}" for k in SUMMARY_KEYS]
         assert f"| {split} | {' | '.join(cells)} |" in card
     assert "Stage II: full ECVL" in card and "`digits`" in card
+    assert card.index("## Evaluation") < card.index("## Classes")  # the long table comes last
     assert not list(out.parent.glob(".classifier.tmp-*"))
 
 

@@ -165,10 +165,90 @@ def test_imagenet_lt_uses_open_clip_classnames(tmp_path):
     assert len(src.classes) == 1000 and src.classes[0] == "tench"
 
 
-def test_places_lt_needs_classnames(tmp_path):
-    (tmp_path / "Places_LT_train.txt").write_text("a/b.jpg 0\n")
-    with pytest.raises(DataError, match="categories_places365.txt"):
-        PlacesLTSource(root=tmp_path, train=tmp_path / "Places_LT_train.txt").load()
+def test_imagenet_lt_prompts_are_unique():
+    """CLIP's curated list names two pairs of synsets alike ("missile", "sunglasses"); the
+    source renames one of each, so no two classes share a prompt."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    names = ImageNetLTSource().default_classnames(1000)
+    assert len(set(IMAGENET_CLASSNAMES)) == 998  # what the rename is for
+    assert len(set(names)) == 1000
+    assert names[657] == "missile" and names[744] == "projectile"
+    assert names[836] == "sunglass" and names[837] == "sunglasses"
+
+
+def test_imagenet_lt_source_on_a_small_tree(tmp_path):
+    """The source's own layout (`train/<wnid>/<wnid>_N.JPEG`), JPEG bytes kept as they are."""
+    lines = {
+        "train": ["train/n01440764/n01440764_1.JPEG 0", "train/n01443537/n01443537_7.JPEG 1"],
+        "val": ["train/n01440764/n01440764_9.JPEG 0", "train/n01443537/n01443537_2.JPEG 1"],
+        "test": ["val/n01440764/ILSVRC2012_val_00000293.JPEG 0"],
+    }
+    for split, rows in lines.items():
+        (tmp_path / f"ImageNet_LT_{split}.txt").write_text("\n".join(rows) + "\n")
+    _image_tree(tmp_path, [r.split()[0] for rows in lines.values() for r in rows])
+    src = ImageNetLTSource(
+        root=tmp_path, **{s: tmp_path / f"ImageNet_LT_{s}.txt" for s in lines}
+    ).load()
+    assert src.classes[:2] == ("tench", "goldfish") and len(src.classes) == 1000
+    train = src.splits["train"]
+    assert train.keys == ["train_n01440764_n01440764_1", "train_n01443537_n01443537_7"]
+    assert train.labels.tolist() == [0, 1] and len(src.splits["test"]) == 1
+    data, ext = train.image_bytes(1)
+    assert ext == "jpg"
+    assert data == (tmp_path / "train/n01443537/n01443537_7.JPEG").read_bytes()
+
+
+def _places_lists(tmp_path, rows: dict[str, list[str]]) -> dict:
+    for split, lines in rows.items():
+        (tmp_path / f"Places_LT_{split}.txt").write_text("\n".join(lines) + "\n")
+    return {s: tmp_path / f"Places_LT_{s}.txt" for s in rows}
+
+
+def test_places_lt_class_names_from_list_folders(tmp_path):
+    """Without `categories_places365.txt` the names come from the folders the lists name, and
+    read as the categories file's names do."""
+    lists = _places_lists(
+        tmp_path,
+        {
+            "train": [
+                "train/airfield/00000001.jpg 0",
+                "train/apartment_building-outdoor/00000002.jpg 1",
+                "train/airfield/00000003.jpg 0",
+            ],
+            "test": ["val/bazaar-indoor/Places365_val_00000004.jpg 2"],
+        },
+    )
+    _image_tree(
+        tmp_path, [ln.split()[0] for f in lists.values() for ln in f.read_text().split("\n") if ln]
+    )
+    src = PlacesLTSource(root=tmp_path, **lists).load()
+    assert src.classes == ("airfield", "apartment building outdoor", "bazaar indoor")
+    (tmp_path / "cat.txt").write_text(
+        "/a/airfield 0\n/a/apartment_building/outdoor 1\n/b/bazaar/indoor 2\n"
+    )
+    from_file = PlacesLTSource(root=tmp_path, classnames=tmp_path / "cat.txt", **lists).load()
+    assert from_file.classes == src.classes
+    assert src.splits["train"].labels.tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        (
+            {"train": ["train/airfield/1.jpg 0", "train/airport/2.jpg 0"]},
+            "label 0 is listed under folders '(airfield|airport)' and '(airfield|airport)'",
+        ),
+        (
+            {"train": ["train/airfield/1.jpg 0", "train/bazaar/2.jpg 2"]},
+            "label 1 is in no list",
+        ),
+    ],
+)
+def test_places_lt_folder_names_must_be_unambiguous(tmp_path, rows, match):
+    lists = _places_lists(tmp_path, rows)
+    with pytest.raises(DataError, match=match):
+        PlacesLTSource(root=tmp_path, **lists).load()
 
 
 def test_places_category_file_format(tmp_path):

@@ -1,0 +1,94 @@
+"""The rehearsal params files in `benchmarks/configs/` and the helper that runs them: each is a
+whole valid params file that `dvc repro` can run, and `benchmarks/rehearsal.py` moves every
+artifact under its workdir."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import load_params
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "benchmarks" / "configs").glob("rehearsal_*.yaml"))
+
+
+def _rehearsal():
+    spec = importlib.util.spec_from_file_location("rehearsal", REPO / "benchmarks/rehearsal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _with_standin_lists(data: dict, tmp_path: Path) -> dict:
+    """The config with its source pointing at a one-image tree in tmp_path (the check is of the
+    recipe, not of the stand-in data, which may be absent here)."""
+    source = data["shard"]["source"]
+    for key in ("train", "val", "test"):
+        path = tmp_path / Path(source[key]).name
+        path.write_text("train/x/1.jpg 0\n")
+        source[key] = str(path)
+    source["root"] = str(tmp_path)
+    data["paths"]["raw"] = str(tmp_path)
+    return data
+
+
+def test_both_datasets_have_a_config():
+    assert [c.stem for c in CONFIGS] == ["rehearsal_imagenet_lt", "rehearsal_places_lt"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_is_a_valid_params_file_for_dvc(config, tmp_path):
+    data = _with_standin_lists(yaml.safe_load(config.read_text()), tmp_path)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    params = load_params(path)
+    assert params.shard.source.name in ("imagenet_lt", "places_lt")
+    assert params.stage1.model == "ecvl-tiny-rn" and params.stage1.epochs == 1
+    assert params.stage2.epochs == 2 and params.stage2.modes[-1] == "ecvl"
+    dvc_text = (REPO / "dvc.yaml").read_text()
+    wanted = set(re.findall(r"\$\{([\w.]+)\}", dvc_text))
+    for stage in yaml.safe_load(dvc_text)["stages"].values():
+        wanted.update(stage.get("params", []))
+    for key in wanted:
+        node = data
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"{config.name} lacks {key}"
+            node = node[part]
+
+
+def test_workdir_params_moves_artifacts_and_swaps_lists(tmp_path):
+    rehearsal = _rehearsal()
+    data = yaml.safe_load(CONFIGS[0].read_text())
+    out = rehearsal.workdir_params(
+        data, tmp_path / "w", tmp_path / "lists", ["stage1.epochs=3", "stage2.modes=[ecvl]"]
+    )
+    assert out["paths"]["raw"] == data["paths"]["raw"]
+    assert out["paths"]["shards"] == str(tmp_path / "w" / "data/shards")
+    assert all(
+        Path(v).is_relative_to(tmp_path / "w") for k, v in out["paths"].items() if k != "raw"
+    )
+    assert out["shard"]["source"]["val"] == str(tmp_path / "lists" / "ImageNet_LT_val.txt")
+    assert out["stage1"]["epochs"] == 3 and out["stage2"]["modes"] == ["ecvl"]
+    assert data["stage1"]["epochs"] == 1  # the loaded config is left as it was
+
+
+def _keys(data: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in data.items():
+        out.add(prefix + key)
+        if isinstance(value, dict) and key not in ("source", "test_source"):
+            out |= _keys(value, f"{prefix}{key}.")
+    return out
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_spells_out_every_params_yaml_key(config):
+    """A whole params file, as the presets are: a key params.yaml gains or loses shows here."""
+    assert _keys(yaml.safe_load(config.read_text())) == _keys(
+        yaml.safe_load((REPO / "params.yaml").read_text())
+    )
