@@ -117,6 +117,9 @@ class SelectiveEncoder:
         cache_device: where the clean cache and an in-memory bank are held and gathered
             (default: the host). On a GPU, `device` keeps every step's rows on the GPU; a bank
             read from disk (a zarr array) stays there and is read per request.
+        pixels: the train images as one uint8 N×H×W×3 array (`ImageStore.raw_pixels`), held
+            on `cache_device`: a request's images are then one gather instead of a read and a
+            decode per image. None: read from the image store per request.
 
     Raises:
         DataError: the cache, the image store and the bank differ in length or width, or the
@@ -140,6 +143,7 @@ class SelectiveEncoder:
         batch_size: int = 256,
         bank: ViewBank | None = None,
         cache_device: torch.device | str | None = None,
+        pixels: np.ndarray | None = None,
     ) -> None:
         if isinstance(cached_features, torch.Tensor):
             cache = cached_features.detach()
@@ -168,6 +172,12 @@ class SelectiveEncoder:
             torch.from_numpy(bank.features).to(held)
             if bank is not None and isinstance(bank.features, np.ndarray)
             else None
+        )
+        if pixels is not None and len(pixels) != cache.shape[0]:
+            raise DataError(f"{len(pixels)} images in memory for {cache.shape[0]} cached rows")
+        # N×3×H×W, so that a request's views are one index_select
+        self._pixels = (
+            None if pixels is None else torch.from_numpy(pixels).permute(0, 3, 1, 2).to(held)
         )
         self.image_store = image_store
         self.encoder = encoder
@@ -317,20 +327,16 @@ class SelectiveEncoder:
         return _Prepared(idx, entries, clean, work, plans, request.seed)
 
     def _render(self, prepared: _Prepared) -> torch.Tensor:
-        """The request's views to re-encode, rendered: float (n_work, 3, S, S) on `device`.
-
-        Each distinct sample is read and decoded once, however many of its views need pixels
-        (one sorted HDF5 read for the request)."""
+        """The request's views to re-encode, rendered: float (n_work, 3, S, S) on `device`, from
+        the images in memory (one gather) or read from the store (`_read`)."""
         start = time.perf_counter()
         work, idx = prepared.work, prepared.indices
-        samples, which = np.unique(idx[work], return_inverse=True)
-        blobs = self.image_store.get_many_bytes(samples.tolist())
-        decoded = [
-            self.image_store.decode_pixels(int(i), data)
-            for i, data in zip(samples.tolist(), blobs, strict=True)
-        ]
-        arrays = [decoded[k] for k in which.tolist()]
-        sizes = np.array([a.shape[:2] for a in arrays], dtype=np.int64).reshape(-1, 2)
+        if self._pixels is not None:
+            rows = torch.from_numpy(idx[work]).to(self._pixels.device)
+            images = self._pixels.index_select(0, rows).to(self.device, non_blocking=True)
+            sizes = np.tile(np.array(self._pixels.shape[2:]), (work.size, 1))
+        else:
+            images, sizes = self._read(idx[work])
         if prepared.entries is None:  # the whole image, unmirrored
             boxes = np.concatenate([np.zeros_like(sizes), sizes[:, ::-1]], axis=1)
             flips = np.zeros(work.size, dtype=bool)
@@ -346,14 +352,26 @@ class SelectiveEncoder:
                 view_rng(prepared.seed, j) if any(op[0] == "Cutout" for op in p) else None
                 for j, p in zip(work.tolist(), view_plans, strict=True)
             ]
-        images = stack_pixels(arrays)
-        if isinstance(images, torch.Tensor):
-            images = images.to(self.device, non_blocking=True)
-        else:
-            images = [t.to(self.device, non_blocking=True) for t in images]
         pixels = self.renderer.render(images, plan, view_plans, rngs)  # type: ignore[union-attr]
         self._counters["pixel_seconds"] += time.perf_counter() - start
         return pixels
+
+    def _read(self, samples: np.ndarray) -> tuple[Any, np.ndarray]:
+        """The images of `samples` (one per view) read from the store, each distinct sample read
+        and decoded once: uint8 B×3×H×W on `device` (a list when sizes differ), and (B, 2)
+        heights and widths."""
+        unique, which = np.unique(samples, return_inverse=True)
+        blobs = self.image_store.get_many_bytes(unique.tolist())
+        decoded = [
+            self.image_store.decode_pixels(int(i), data)
+            for i, data in zip(unique.tolist(), blobs, strict=True)
+        ]
+        arrays = [decoded[k] for k in which.tolist()]
+        sizes = np.array([a.shape[:2] for a in arrays], dtype=np.int64).reshape(-1, 2)
+        images = stack_pixels(arrays)
+        if isinstance(images, torch.Tensor):
+            return images.to(self.device, non_blocking=True), sizes
+        return [t.to(self.device, non_blocking=True) for t in images], sizes
 
     def _clean_rows(self, prepared: _Prepared) -> torch.Tensor:
         """The request's output, its clean views filled from the cache."""

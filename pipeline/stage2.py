@@ -77,6 +77,7 @@ class _Inputs:
     precision: str
     run_digest: str  # code + stage-I weights: part of every mode's resume fingerprint
     cache_device: torch.device  # where the clean cache and an in-memory bank are gathered
+    pixels: np.ndarray | None  # the train images in memory, when raw pixels of one size
 
 
 def run(params: Params) -> None:
@@ -94,6 +95,7 @@ def run(params: Params) -> None:
     digest = model_digest(paths.stage1)
     _check_caches(params, caches, manifest, digest)
     bundle, _ = load_stage1(paths.stage1, device)
+    held, pixels = _cache_placement(p.cache_in_memory, budget, caches, device)
     eval_split = "val" if "val" in emb.splits else "test"
     inputs = _Inputs(
         bundle=bundle,
@@ -106,7 +108,8 @@ def run(params: Params) -> None:
         device=device,
         precision=precision,
         run_digest=fingerprint(code_digest(), digest),
-        cache_device=_cache_device(p.cache_in_memory, budget, caches, device),
+        cache_device=held,
+        pixels=pixels,
     )
 
     results, history, trained = {}, [], {}
@@ -134,38 +137,39 @@ def run(params: Params) -> None:
     write_results(paths, "stage2", {"split": eval_split, **results}, history, ("mode", "epoch"))
 
 
-def _cache_device(policy: str, budget: int, caches: TrainCaches, device: torch.device):
-    """Where the clean cache and an in-memory bank live: on the training GPU when they fit the
-    budget and half its free memory, else on the host; logged in one line."""
-    train, bank = caches.train.features, caches.bank
+def _cache_placement(
+    policy: str, budget: int, caches: TrainCaches, device: torch.device
+) -> tuple[torch.device, np.ndarray | None]:
+    """Where the clean cache and an in-memory bank live (on the training GPU when they fit the
+    budget and half its free memory, else on the host), and the train images as one pixel
+    array when the store holds raw pixels of one size and they fit what the budget leaves;
+    logged in one line."""
+    train, bank, store = caches.train.features, caches.bank, caches.store
     in_memory = bank is not None and isinstance(bank.features, np.ndarray)
     nbytes = train.nbytes + (bank.features.nbytes if in_memory else 0)
+    pixel_bytes = store.raw_pixel_bytes
+    pixels = None
+    if policy != "never" and pixel_bytes is not None:
+        if policy == "always" or nbytes + pixel_bytes <= budget:
+            pixels = store.raw_pixels()
+            nbytes += pixel_bytes
     held = torch.device("cpu")
     if device.type == "cuda" and policy != "never" and nbytes <= budget:
         free, _ = torch.cuda.mem_get_info(device)
         if nbytes <= free // 2:
             held = device
-    where = "host memory" if held.type == "cpu" else str(held)
-    if bank is None:
-        log.info("stage2: train embeddings (%.2f GB) in %s", train.nbytes / 1e9, where)
-    elif in_memory:
-        log.info(
-            "stage2: view bank and train embeddings (%.2f GB) in %s (cache_in_memory: %s)",
-            nbytes / 1e9,
-            where,
-            policy,
-        )
-    else:
-        log.info(
-            "stage2: view bank (%.2f GB) read from %s per step (cache_in_memory: %s, "
-            "cache_memory_gb: %.1f); train embeddings in %s",
-            bank.features.nbytes / 1e9,
-            bank.path,
-            policy,
-            budget / 1e9,
-            where,
-        )
-    return held
+    what = "train embeddings" + (", view bank" if in_memory else "")
+    what += ", train images" if pixels is not None else ""
+    log.info(
+        "stage2: %s (%.2f GB) in %s%s (cache_in_memory: %s, cache_memory_gb: %.1f)",
+        what,
+        nbytes / 1e9,
+        "host memory" if held.type == "cpu" else str(held),
+        f"; view bank read from {bank.path} per step" if bank is not None and not in_memory else "",
+        policy,
+        budget / 1e9,
+    )
+    return held, pixels
 
 
 def _encoder_precision(asked: str, exported: str | None, device, store) -> str:
@@ -249,6 +253,7 @@ def _train_mode(mode: str, params: Params, inputs: _Inputs):
         batch_size=p.encode_batch_size,
         bank=caches.bank,
         cache_device=inputs.cache_device,
+        pixels=inputs.pixels,
     )
     manifest, device = inputs.manifest, inputs.device
     trainer = Stage2Trainer(

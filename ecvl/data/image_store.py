@@ -395,6 +395,37 @@ class ImageStore:
                 f"{self.path}: sample {idx} (key {self._keys[idx]!r}) does not decode: {err}"
             ) from err
 
+    @property
+    def raw_pixel_bytes(self) -> int | None:
+        """Bytes of `raw_pixels()`: every member raw `.npy` pixels of one shape, RGB; else None
+        (without reading the images: from the first member's header)."""
+        if len(self) == 0 or not (self._exts == RAW_EXT).all():
+            return None
+        h, w, _ = self.decode_pixels(0, self.get_bytes(0)).shape
+        return len(self) * h * w * 3
+
+    def raw_pixels(self) -> np.ndarray | None:
+        """Every image as one uint8 N×H×W×3 array, when every member is raw `.npy` pixels of
+        one shape (what `ecvl shard` stores for small array sources); else None. Stage II
+        then gathers a batch's pixels with one index instead of reading and decoding each.
+
+        Raises:
+            DataError: a member does not decode.
+        """
+        if self.raw_pixel_bytes is None:
+            return None
+        n = len(self)
+        first = self.decode_pixels(0, self.get_bytes(0))
+        out = np.empty((n, *first.shape), dtype=np.uint8)
+        for a in range(0, n, 8192):  # a block of members in memory at a time
+            rows = range(a, min(n, a + 8192))
+            for i, data in zip(rows, self.get_many_bytes(rows), strict=True):
+                pixels = self.decode_pixels(i, data)
+                if pixels.shape != first.shape:
+                    return None
+                out[i] = pixels
+        return out
+
     def decode_pixels(self, i: int, data: bytes) -> np.ndarray:
         """`decode`, as H×W×3 uint8 pixels; raw `.npy` members are viewed in place, no PIL.
 

@@ -189,6 +189,21 @@ def test_raw_pixel_members_round_trip(tmp_path):
     for i in range(3):
         assert np.array_equal(np.asarray(store.get_image(i)), PIXELS[i])
     assert np.array_equal(np.asarray(store.get_image(3)), np.repeat(gray, 3, axis=2))
+    assert store.raw_pixels() is None  # two shapes: not one array
+
+
+def test_raw_pixels_of_one_shape_load_as_one_array(tmp_path, store_path):
+    from ecvl.data.pixels import encode_npy
+
+    same = np.random.default_rng(1).integers(0, 256, size=(3, 6, 7, 3), dtype=np.uint8)
+    path = tmp_path / "raw.h5"
+    write_store(path, 3, [encode_npy(p) for p in same], LABELS[:3], KEYS[:3])
+    store = ImageStore(path)
+    pixels = store.raw_pixels()
+    assert pixels.dtype == np.uint8 and np.array_equal(pixels, same)
+    assert store.raw_pixel_bytes == pixels.nbytes
+    png = ImageStore(store_path)  # encoded files: read and decoded per request instead
+    assert png.raw_pixel_bytes is None and png.raw_pixels() is None
 
 
 def test_raw_member_that_does_not_decode_names_the_sample(tmp_path):

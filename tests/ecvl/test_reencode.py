@@ -169,3 +169,16 @@ def test_reencode_all_encodes_clean_views_to_their_cached_rows(world):
     assert n == N == counting.images_seen
     cached = torch.from_numpy(world["cache"]).float()
     torch.testing.assert_close(feats, cached, rtol=2e-3, atol=2e-3)
+
+
+def test_images_held_in_memory_render_the_same_views(world):
+    store = world["store"]
+    pixels = np.stack([store.decode_pixels(i, store.get_bytes(i)) for i in range(N)])
+    idx = np.array([3, 1, 3, 7, 0, 12])
+    plans = plan_views(np.full(idx.size, 0.8), k=2, rng=2)
+    entries = np.array([0, 1, 2, 3, 0, 1])
+    read, _ = make_encoder(world)
+    held, _ = make_encoder(world, pixels=pixels)
+    a, n = read.encode_views(idx, plans, seed=5, entries=entries, reencode_all=True)
+    b, m = held.encode_views(idx, plans, seed=5, entries=entries, reencode_all=True)
+    assert n == m == idx.size and torch.equal(a, b)
