@@ -244,9 +244,10 @@ class Stage2Params:
     # `lambda` in params.yaml (the paper's symbol, a Python keyword), `residual_ratio` in the
     # code: this `key` is the one place the two names meet (schema.build, schema.to_plain).
     residual_ratio: float = field(default=0.2, metadata=bounds(ge=0, le=1, key="lambda"))
-    beta: float = field(default=0.97, metadata=bounds(ge=0, lt=1))
-    # k ops drawn per view (eq. 10); more than RandAugment has only repeats ops
-    k: int = field(default=2, metadata=bounds(ge=1, le=len(OP_NAMES)))
+    # EMA horizon 1/(1-beta) = 2.9 epochs, under a tenth of the default 30
+    beta: float = field(default=0.65, metadata=bounds(ge=0, lt=1))
+    # k ops drawn per view (eq. 10; BCL's default 1); more than RandAugment has only repeats ops
+    k: int = field(default=1, metadata=bounds(ge=1, le=len(OP_NAMES)))
     tau_dcvl: float = field(default=0.1, metadata=bounds(gt=0, le=100))
     w_dcvl: float = field(default=1.0, metadata=bounds(ge=0, le=_WEIGHT_MAX))
     sampler: Literal["balanced", "instance"] = "balanced"
