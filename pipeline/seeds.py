@@ -12,6 +12,7 @@ and be summarised by a last call over all of them.
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
 import math
@@ -125,10 +126,72 @@ def summarize(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
         for stage in STAGES
         if timings and all(stage in t for t in timings.values())
     }
-    summary = {"seeds": list(seeds), "table": table, "stage_seconds_mean": stage_seconds}
+    summary = {
+        "seeds": list(seeds),
+        "table": table,
+        "memorisation": _memorisation(out, seeds),
+        "stage_seconds_mean": stage_seconds,
+    }
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", _markdown(summary))
     return summary
+
+
+# the columns of plots/stage2.csv the memorisation diagnostics read, at a mode's last epoch
+MEMORISATION_KEYS = {
+    "score_count_spearman": "Spearman(class-mean M, train count)",
+    "score_mean_many": "mean M Many",
+    "score_mean_medium": "mean M Medium",
+    "score_mean_few": "mean M Few",
+    "reencoded_fraction": "views re-encoded",
+}
+
+
+def _memorisation(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
+    """Per stage-II mode, the memorisation score's diagnostics over seeds: at the last epoch the
+    rank correlation of class-mean score with class size and the mean score of Many/Medium/Few
+    samples (mean ± std), the correlation at every epoch (per seed), and the fraction of views
+    re-encoded (mean over epochs). Whether the score tracks memorisation or class size shows
+    here, not in the accuracy table."""
+    per_seed: dict[str, dict[int, list[dict[str, str]]]] = {}
+    for s in seeds:
+        path = out / f"seed-{s}" / PathsParams().plots / "stage2.csv"
+        if not path.is_file():
+            return {}
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                per_seed.setdefault(row["mode"], {}).setdefault(s, []).append(row)
+    result: dict[str, Any] = {}
+    for mode, by_seed in per_seed.items():
+        if set(by_seed) != set(seeds) or not all(
+            _number(by_seed[s][-1]["score_count_spearman"]) for s in seeds
+        ):
+            continue  # a mode without a measurement pass (the linear probe) has no scores
+        entry: dict[str, Any] = {}
+        for key in MEMORISATION_KEYS:
+            if key == "reencoded_fraction":
+                values = [float(np.mean([_float(r[key]) for r in by_seed[s]])) for s in seeds]
+            else:
+                values = [_float(by_seed[s][-1][key]) for s in seeds]
+            entry[key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+                "values": values,
+            }
+        entry["spearman_per_epoch"] = {
+            str(s): [round(_float(r["score_count_spearman"]), 4) for r in by_seed[s]] for s in seeds
+        }
+        result[mode] = entry
+    return result
+
+
+def _float(text: str) -> float:
+    """A CSV cell as a float; an empty cell (no value that epoch) is NaN."""
+    return float(text) if text.strip() else math.nan
+
+
+def _number(text: str) -> bool:
+    return not math.isnan(_float(text))
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -147,6 +210,34 @@ def _markdown(summary: dict[str, Any]) -> str:
                 mean, std = 100 * cols[c]["mean"], 100 * cols[c]["std"]
                 cells.append(f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}")
             lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    if summary.get("memorisation"):
+        keys = list(MEMORISATION_KEYS)
+        lines = [
+            "### memorisation scores at the last epoch: mean ± std over seeds "
+            + ", ".join(map(str, seeds)),
+            "",
+            "| Mode | " + " | ".join(MEMORISATION_KEYS[k] for k in keys) + " |",
+            "| --- |" + " ---: |" * len(keys),
+        ]
+        for mode, entry in summary["memorisation"].items():
+            cells = []
+            for k in keys:
+                scale, fmt = (
+                    (100, "{:.0f}%")
+                    if k == "reencoded_fraction"
+                    else (1, "{:+.2f}" if "spearman" in k else "{:.3f}")
+                )
+                mean, std = scale * entry[k]["mean"], scale * entry[k]["std"]
+                cell = fmt.format(mean)
+                if not math.isnan(std):
+                    cell += " ± " + fmt.format(std).lstrip("+")
+                cells.append(cell)
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines += ["", "Spearman per epoch (seed: epochs 1 → last):", ""]
+        for mode, entry in summary["memorisation"].items():
+            for s, values in entry["spearman_per_epoch"].items():
+                lines.append(f"- {mode}, seed {s}: " + " ".join(f"{v:+.2f}" for v in values))
         parts.append("\n".join(lines))
     if summary["stage_seconds_mean"]:
         secs = summary["stage_seconds_mean"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -72,7 +73,21 @@ def test_two_seeds_run_resume_and_summarise(tmp_path):
     assert cell["std"] == pytest.approx(np.std(values, ddof=1))
     assert "stage2" not in summary["table"]["test"]  # the alias row is not repeated
     assert set(summary["stage_seconds_mean"]) == {"shard", "stage1", "export", "stage2", "evaluate"}
+    # the memorisation diagnostics: the last epoch's row of each seed's plots/stage2.csv
+    last = [
+        [
+            r
+            for r in csv.DictReader(open(out / f"seed-{s}/plots/stage2.csv"))
+            if r["mode"] == "ballad"
+        ][-1]
+        for s in (0, 1)
+    ]
+    memo = summary["memorisation"]
+    assert set(memo) == {"ballad"}  # the linear probe has no measurement pass
+    for key in ("score_count_spearman", "score_mean_few"):
+        assert memo["ballad"][key]["values"] == [float(r[key]) for r in last]
     md = (out / "summary.md").read_text()
+    assert "| ballad | " in md and "Spearman per epoch" in md
     assert "| Linear probe (cross-entropy, long-tailed sampling) |" in md and " ± " in md
 
     # A second call with the same params runs nothing and rewrites the same summary.
