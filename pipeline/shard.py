@@ -43,6 +43,7 @@ def run(params: Params) -> None:
         seed=params.base.seed,
     )
     carved = carve_splits(source, plan, test_override)
+    _log_reshaping(source, carved, p)
 
     with atomic_dir(params.paths.shards) as tmp:
         written = {
@@ -100,6 +101,36 @@ def run(params: Params) -> None:
         medium,
         few,
         max(counts) / min(counts),
+    )
+
+
+def _log_reshaping(source, carved, p) -> None:
+    """One line when train is not the source's train split as it is: a test split held out of
+    it, or a long tail drawn from it (the embedded default does both), so that a user's own data
+    is never subsampled without a word."""
+    total, kept = len(source.splits["train"]), len(carved.splits["train"])
+    if kept == total:
+        return
+    steps, remedies = [], []  # what happened; how to avoid it
+    if "test" not in source.splits and p.test_source is None and p.test_per_class > 0:
+        steps.append(
+            f"{len(carved.splits['test']):,} held out as test (test_per_class {p.test_per_class})"
+        )
+        remedies.append("a source with a test split of its own has none held out")
+    if p.imbalance_factor is not None:
+        counts, rest = carved.train_counts, " from the rest" if steps else ""
+        n_max = "null" if p.n_max is None else p.n_max
+        steps.append(
+            f"a long tail drawn{rest} (imbalance_factor {p.imbalance_factor:g}, n_max {n_max}: "
+            f"{max(counts)} down to {min(counts)} per class)"
+        )
+        remedies.insert(0, "shard.imbalance_factor: null skips the long tail")
+    log.info(
+        "kept %s of the source's %s train images: %s. To keep more: %s",
+        f"{kept:,}",
+        f"{total:,}",
+        ", then ".join(steps),
+        "; ".join(remedies),
     )
 
 

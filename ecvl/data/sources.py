@@ -462,7 +462,13 @@ class ListSource:
     ) -> tuple[str, ...]:
         """Class names when no `classnames` file is given; `listed` maps each split to (its
         list file, image paths, labels), for sources whose paths name the classes."""
-        log.warning("no `classnames` file given: prompts will use 'class 0', 'class 1', ...")
+        log.warning(
+            "no `classnames` file given: %d classes named 'class 0' ... 'class %d', so prompts "
+            "read 'a photo of a class 0.', which a pretrained text encoder cannot relate to the "
+            "images; give `classnames` (one name per line, in label order)",
+            num_classes,
+            num_classes - 1,
+        )
         return tuple(f"class {i}" for i in range(num_classes))
 
     def load(self) -> LoadedSource:

@@ -1,6 +1,7 @@
 """`ecvl shard` through the CLI, as DVC runs it."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from click.testing import CliRunner
 import pipeline.shard
 from ecvl.data.longtail import longtail_counts
 from pipeline.cli import main
-from support import CIFAR_POOL, write_npz, write_params
+from support import CIFAR_POOL, write_npz, write_params, write_pngs
 
 
 def _run(params_path):
@@ -119,6 +120,76 @@ def test_separate_test_source(tmp_path, tiny_npz):
     assert meta["splits"]["train"]["per_class"] == [8, 3, 1]
     assert meta["splits"]["test"]["per_class"] == [2, 2, 2]
     assert meta["class_groups"] == ["few", "few", "few"]
+
+
+def _kept_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("kept ")]
+
+
+def test_subsampling_the_source_is_one_log_line(tmp_path, caplog):
+    """The defaults hold out a test split and draw a long tail: a user's data shrinks, and the
+    log says by how much and which keys did it."""
+    caplog.set_level(logging.INFO)
+    assert _run(write_params(tmp_path)).exit_code == 0
+    meta = json.loads((tmp_path / "data/shards/meta.json").read_text())
+    kept = meta["splits"]["train"]["count"]
+    assert _kept_lines(caplog) == [
+        f"kept {kept} of the source's 1,797 train images: 100 held out as test (test_per_class "
+        "10), then a long tail drawn from the rest (imbalance_factor 10, n_max 40: 40 down to 4 "
+        "per class). To keep more: shard.imbalance_factor: null skips the long tail; a source "
+        "with a test split of its own has none held out"
+    ]
+
+
+def test_source_kept_as_it_is_logs_no_subsampling(tmp_path, tiny_npz, caplog):
+    caplog.set_level(logging.INFO)
+    shard = {
+        "source": {"name": "npz", "train": str(tiny_npz["train"]), "test": str(tiny_npz["test"])},
+        "imbalance_factor": None,
+        "n_max": None,
+        "val_per_class": 0,
+    }
+    assert _run(write_params(tmp_path, shard=shard)).exit_code == 0
+    assert _kept_lines(caplog) == []
+    # a long tail on the same data is reported, without a test hold-out (the source has one)
+    caplog.clear()
+    shard.update(imbalance_factor=8, n_max=8)
+    assert _run(write_params(tmp_path, shard=shard)).exit_code == 0
+    (line,) = _kept_lines(caplog)
+    assert line == (
+        "kept 11 of the source's 12 train images: a long tail drawn (imbalance_factor 8, n_max 8: "
+        "8 down to 1 per class). To keep more: shard.imbalance_factor: null skips the long tail"
+    )
+
+
+def test_list_source_without_classnames_warns_once(tmp_path, caplog):
+    """`class 0`, `class 1`, ... are the prompts a pretrained text encoder would see: say so."""
+    caplog.set_level(logging.INFO)
+    images = write_pngs(tmp_path / "raw", 6)
+    (tmp_path / "raw/train.txt").write_text(
+        "".join(f"{p.name} {i % 2}\n" for i, p in enumerate(images))
+    )
+    params = write_params(
+        tmp_path,
+        paths={"raw": str(tmp_path / "raw")},
+        shard={
+            "source": {"name": "list", "root": str(tmp_path / "raw"), "train": "raw/train.txt"},
+            "test_per_class": 1,
+            "val_per_class": 0,
+            "imbalance_factor": None,
+            "n_max": None,
+        },
+    )
+    params.write_text(params.read_text().replace("raw/train.txt", str(tmp_path / "raw/train.txt")))
+    assert _run(params).exit_code == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "no `classnames` file given: 2 classes named 'class 0' ... 'class 1', so prompts read "
+        "'a photo of a class 0.', which a pretrained text encoder cannot relate to the images; "
+        "give `classnames` (one name per line, in label order)"
+    ]
+    meta = json.loads((tmp_path / "data/shards/meta.json").read_text())
+    assert meta["classes"] == ["class 0", "class 1"]
 
 
 @pytest.mark.slow
