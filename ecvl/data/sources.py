@@ -355,9 +355,7 @@ class Cifar100Source:
                     f"CIFAR-100 not found: {base} "
                     "(set `download: true` to fetch it with torchvision)"
                 )
-            from torchvision.datasets import CIFAR100
-
-            CIFAR100(str(self.root), train=True, download=True)
+            _download_cifar100(Path(self.root))
         md5 = CIFAR100_MD5 if self.verify_md5 else dict.fromkeys(CIFAR100_MD5)
         meta = load_restricted_pickle(base / "meta", md5["meta"])
         classes = tuple(str(c) for c in meta["fine_label_names"])
@@ -371,6 +369,42 @@ class Cifar100Source:
             keys = [f"cifar100_{split_name}_{i:05d}" for i in range(len(labels))]
             splits[split_name] = Split(keys, labels, images=np.ascontiguousarray(images))
         return LoadedSource(classes, splits)
+
+
+def _download_cifar100(root: Path, timeout_s: float = 60.0) -> None:
+    """Fetch and unpack the official archive into `root` with torchvision.
+
+    torchvision opens its connections without a timeout, so a network that drops packets would
+    hang the stage; the socket default is set for the download and restored after it.
+
+    Raises:
+        DataError: the download failed (no network, a proxy, a server error, a bad archive),
+            with where to put the files by hand.
+    """
+    import http.client
+    import socket
+    import urllib.error
+
+    from torchvision.datasets import CIFAR100
+
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        CIFAR100(str(root), train=True, download=True)
+    except (
+        urllib.error.URLError,
+        TimeoutError,
+        ConnectionError,
+        http.client.HTTPException,
+        RuntimeError,  # torchvision: the archive's MD5 does not match
+    ) as e:
+        reason = getattr(e, "reason", None) or e
+        raise DataError(
+            f"CIFAR-100 download failed ({reason}); without internet, fetch {CIFAR100.url} on a "
+            f"machine that has it and unpack it into {root} (giving {root / 'cifar-100-python'}/)"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(before)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def test_preset_is_a_valid_params_file(preset, tmp_path, tiny_npz):
 @pytest.mark.skipif(not CIFAR_POOL.is_file(), reason=f"CIFAR-100 pool not at {CIFAR_POOL}")
 def test_cifar100_lt_preset_builds_the_standard_long_tail(tmp_path):
     data = yaml.safe_load((Path(pipeline.__file__).parent / "presets/cifar100_lt.yaml").read_text())
-    data["shard"]["source"]["train"] = str(CIFAR_POOL)
+    data["shard"]["source"] = {"name": "npz", "train": str(CIFAR_POOL)}  # the README's pool variant
     data["paths"] = {name: str(tmp_path / rel) for name, rel in ARTIFACTS.items()}
     data["base"]["progress"] = False
     path = tmp_path / "params.yaml"
@@ -77,3 +77,35 @@ def test_preset_copied_to_params_yaml_satisfies_dvc_yaml(preset):
     assert wanted, "dvc.yaml names no params"
     missing = sorted(k for k in wanted if not _dotted(data, k))
     assert not missing, f"{preset.name} lacks {missing}"
+
+
+@pytest.mark.parametrize("name", ["cifar100_lt", "cifar100_lt_paper", "cifar100_lt_rn50"])
+def test_cifar100_preset_without_internet_stops_at_once(name, tmp_path, monkeypatch):
+    """`cp pipeline/presets/<name>.yaml params.yaml && dvc repro` in a fresh clone with no
+    network: `ecvl shard` stops at its first request with one line saying how to get the data."""
+    import urllib.error
+    import urllib.request
+
+    requests = []
+
+    def offline(request, *args, **kwargs):
+        requests.append(getattr(request, "full_url", request))
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/raw").mkdir(parents=True)  # what a clone holds (data/raw/README.md)
+    (tmp_path / "params.yaml").write_text(
+        (Path(pipeline.__file__).parent / "presets" / f"{name}.yaml").read_text()
+    )
+    result = CliRunner().invoke(main, ["shard", "--params", "params.yaml"])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: shard: CIFAR-100 download failed ([Errno -3] Temporary failure in name "
+        "resolution); without internet, fetch "
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz on a machine that has it and "
+        "unpack it into data/raw/cifar100 (giving data/raw/cifar100/cifar-100-python/)"
+    ]
+    assert requests and all("cifar-100-python.tar.gz" in str(u) for u in requests)
+    assert not (tmp_path / "data/shards").exists()

@@ -294,6 +294,34 @@ def test_cifar100_missing_without_download(tmp_path):
         Cifar100Source(root=tmp_path).load()
 
 
+def test_cifar100_download_without_internet_is_one_clear_error(tmp_path, monkeypatch):
+    """No network: torchvision's download fails at its first request; the error says where the
+    archive is and where to unpack it, and the socket timeout set for the download is undone."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    calls = []
+
+    def offline(request, *args, **kwargs):
+        calls.append(socket.getdefaulttimeout())
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(DataError) as info:
+        Cifar100Source(root=tmp_path / "cifar100", download=True).load()
+    message = str(info.value)
+    assert message == (
+        "CIFAR-100 download failed ([Errno -3] Temporary failure in name resolution); without "
+        "internet, fetch https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz on a machine "
+        f"that has it and unpack it into {tmp_path / 'cifar100'} (giving "
+        f"{tmp_path / 'cifar100' / 'cifar-100-python'}/)"
+    )
+    assert calls and all(t == 60.0 for t in calls)  # a dropped connection cannot hang the stage
+    assert socket.getdefaulttimeout() == before
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
