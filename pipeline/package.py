@@ -13,6 +13,7 @@ import logging
 import shutil
 
 import numpy as np
+import yaml
 
 from ecvl.classifier import write_classifier
 from ecvl.data.embeddings import open_embeddings
@@ -52,6 +53,8 @@ def run(params: Params) -> None:
     if mode != "stage1" and not (head_dir / ADAPTER_CONFIG).is_file():
         raise ModelError(f"no trained {mode!r} head in {head_dir} (run `ecvl stage2`)")
     metrics = _metrics(paths.metrics / "eval.json", mode)
+    # The head's own record of what trained it (the stage2 params of its run), not params.yaml's.
+    stage2 = None if mode == "stage1" else read_json(head_dir / ADAPTER_CONFIG).get("params")
 
     feature_dtype = np.dtype(emb.split("train", lazy=True).features.dtype).name
     info = {
@@ -75,7 +78,7 @@ def run(params: Params) -> None:
             classes=manifest.classes,
             feature_dtype=feature_dtype,
             info=info,
-            card=_card(mode, stage1, emb.templates, manifest, metrics),
+            card=_card(mode, stage1, stage2, emb.templates, manifest, metrics),
         )
         if mode == "stage1":
             shutil.rmtree(head_dir)
@@ -111,12 +114,45 @@ def _percent(value) -> str:
     return "–" if value is None or np.isnan(value) else f"{100 * value:.1f}"
 
 
-def _card(mode: str, stage1: dict, templates, manifest: Manifest, metrics: dict) -> str:
+def _weights_licence(model: str, pretrained: str | None) -> str:
+    """What the base weights stage I started from are licensed under, as far as ECVL knows."""
+    if not pretrained:
+        return "none: stage I started from random initialisation, no third-party weights."
+    if pretrained == "openai":
+        return (
+            "OpenAI's CLIP weights (`openai`), released under the MIT licence of "
+            "https://github.com/openai/CLIP."
+        )
+    import open_clip
+
+    if open_clip.is_pretrained_cfg(model, pretrained):
+        return (
+            f"open_clip's pretrained tag `{pretrained}`: under the licence its provider states "
+            "(open_clip's list of pretrained models links to each)."
+        )
+    return f"a local checkpoint (`{pretrained}`): under the licence its provider states."
+
+
+def _card(
+    mode: str,
+    stage1: dict,
+    stage2: dict | None,
+    templates,
+    manifest: Manifest,
+    metrics: dict,
+) -> str:
+    """The model card: what it is, what it is for and not for, the data, what trained it, the
+    licence of the weights it started from, its metrics and every class."""
     data = manifest.data
     counts, groups, classes = manifest.train_counts, manifest.class_groups, manifest.classes
     source = data.get("source", {})
     thresholds = data.get("group_thresholds", {})
     sizes = ", ".join(f"{s} {manifest.count(s)}" for s in manifest.splits)
+    few = [n for n, g in zip(counts, groups, strict=True) if g == "few"]
+    start = stage1.get("pretrained")
+    trained = {"seed": stage1.get("params", {}).get("seed")}
+    trained["stage1"] = stage1.get("params", {}).get("stage1")
+    trained["stage2"] = stage2 if stage2 is not None else f"none (package.mode {mode})"
     lines = [
         f"# Classifier: `{stage1['model']}` + "
         + ("no stage-II head (stage I)" if mode == "stage1" else f"stage-II head `{mode}`"),
@@ -127,7 +163,7 @@ def _card(mode: str, stage1: dict, templates, manifest: Manifest, metrics: dict)
         "## Model",
         "",
         f"- Backbone: open_clip `{stage1['model']}`, fine-tuned by stage I from "
-        + (f"`{start}`" if (start := stage1.get("pretrained")) else "random init")
+        + (f"`{start}`" if start else "random init")
         + "; `backbone/` is open_clip's `local-dir` format.",
         f"- Head: {ROW_NAMES.get(_row(mode), mode)} (`adapter.json`"
         + ("; the identity, λ = 0: stage I's own prediction)." if mode == "stage1" else ")."),
@@ -147,6 +183,52 @@ def _card(mode: str, stage1: dict, templates, manifest: Manifest, metrics: dict)
         + ", ".join(f"{g.capitalize()} {groups.count(g)}" for g in ("many", "medium", "few"))
         + ".",
         "- Every class with its group and train images: [Classes](#classes), at the end.",
+        "",
+        "## Intended use",
+        "",
+        "- Giving an image one of the classes listed under [Classes](#classes), for images of the "
+        "kind the training data holds (the source above). Every image gets one of these "
+        'classes: there is no "none of them", so an image of anything else still gets a class '
+        "and a probability.",
+        "- Long-tailed classification research and applications that check the Few column on "
+        "their own held-out images before relying on the rare classes.",
+        "",
+        "## Limitations",
+        "",
+        "- The training data is long-tailed (imbalance ratio above): "
+        + (
+            f"{len(few)} classes had fewer than {thresholds.get('few_below')} train images "
+            f"(as few as {min(few)}), and accuracy on them is lower and varies more from run to "
+            "run (the Few column below)."
+            if few
+            else "the rarest classes have the fewest images to learn from (the Few column below)."
+        ),
+        "- "
+        + (
+            f"The backbone started from `{start}` and inherits what those weights learned, "
+            "biases included."
+            if start
+            else "The backbone was trained from random initialisation on this data alone: a "
+            "small model trained from scratch is far weaker than a pretrained CLIP backbone, "
+            "and before stage I it predicts at chance."
+        ),
+        "- The figures below come from val/test splits of the same source; images from "
+        "elsewhere (other cameras, sizes, domains) can score lower.",
+        "",
+        "## Training",
+        "",
+        "Stage I's params (from `backbone/`'s `ecvl.json`) and the stage-II head's (from "
+        "`adapter.json`):",
+        "",
+        "```yaml",
+        yaml.safe_dump(trained, sort_keys=False).rstrip(),
+        "```",
+        "",
+        "## Licence",
+        "",
+        f"- Base weights: {_weights_licence(stage1['model'], start)}",
+        "- The code that trained this classifier: ECVL, MIT licence. The training images' own "
+        "terms apply to what was learned from them.",
         "",
         f"## Evaluation (`metrics/eval.json`, row `{_row(mode)}`, percent)",
         "",

@@ -8,6 +8,7 @@ import json
 import open_clip
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 import ecvl
@@ -18,6 +19,7 @@ from ecvl.metrics import SUMMARY_KEYS
 from ecvl.models.adapter import load_adapter
 from ecvl.stage2 import predict_cached
 from pipeline.cli import main
+from pipeline.package import _weights_licence
 from pipeline.params import load_params
 from pipeline.schema import ParamsError
 from support import upstream_paths, write_params, write_pngs
@@ -77,6 +79,7 @@ def test_classifier_reproduces_evaluate_exactly(pipeline_run, tmp_path, mode):
         shipped = json.loads((classifier_dir / "classifier.json").read_text())
         rows = json.loads((root / "metrics/eval.json").read_text())
         assert shipped["metrics"]["test"] == rows["test"]["stage1"]
+        assert "stage2: none (package.mode stage1)" in (classifier_dir / "card.md").read_text()
     else:
         evaluated = predict_cached(
             load_adapter(root / "models/stage2" / mode), features, text, "cpu"
@@ -120,6 +123,28 @@ def test_package_contents_and_card(pipeline_run):
         assert f"| {split} | {' | '.join(cells)} |" in card
     assert "Stage II: full ECVL" in card and "`digits`" in card
     assert card.index("## Evaluation") < card.index("## Classes")  # the long table comes last
+    sections = [line for line in card.splitlines() if line.startswith("## ")]
+    assert sections == [
+        "## Model",
+        "## Data",
+        "## Intended use",
+        "## Limitations",
+        "## Training",
+        "## Licence",
+        "## Evaluation (`metrics/eval.json`, row `stage2_ecvl`, percent)",
+        "## Classes",
+    ]
+    few = [n for n, g in zip(counts, groups, strict=True) if g == "few"]
+    assert f"{len(few)} classes had fewer than 20 train images (as few as {min(few)})" in card
+    assert "trained from random initialisation on this data alone" in card
+    assert "- Base weights: none: stage I started from random initialisation" in card
+    # the Training block is what trained the shipped parts, read back from them
+    block = card.split("## Training")[1].split("```yaml\n")[1].split("```")[0]
+    trained = yaml.safe_load(block)
+    stage1 = json.loads((out / "backbone/ecvl.json").read_text())["params"]
+    head = json.loads((out / "adapter.json").read_text())
+    assert trained == {"seed": 0, "stage1": stage1["stage1"], "stage2": head["params"]}
+    assert trained["stage2"]["modes"] == ["linear_probe", "ecvl"]
     assert not list(out.parent.glob(".classifier.tmp-*"))
 
 
@@ -256,3 +281,27 @@ def test_predict_on_a_missing_device_is_one_line(pipeline_run, tmp_path):
     assert line == "error: --device: device 'cuda' asked for, but no CUDA device is visible"
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "pretrained, licence",
+    [
+        (None, "none: stage I started from random initialisation, no third-party weights."),
+        (
+            "openai",
+            "OpenAI's CLIP weights (`openai`), released under the MIT licence of "
+            "https://github.com/openai/CLIP.",
+        ),
+        (
+            "yfcc15m",
+            "open_clip's pretrained tag `yfcc15m`: under the licence its provider states "
+            "(open_clip's list of pretrained models links to each).",
+        ),
+        (
+            "weights/rn50.pt",
+            "a local checkpoint (`weights/rn50.pt`): under the licence its provider states.",
+        ),
+    ],
+)
+def test_card_names_the_base_weights_licence(pretrained, licence):
+    assert _weights_licence("RN50", pretrained) == licence
