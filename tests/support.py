@@ -211,3 +211,34 @@ def write_pngs(directory: Path, n: int, size: int = 24, seed: int = 0) -> list[P
         paths.append(directory / f"{i:03d}.png")
         Image.fromarray(pixels).save(paths[-1])
     return paths
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sh(cwd: Path, *cmd: str):
+    """Run `cmd` in `cwd` as a user's shell would in a fresh clone: this interpreter's `dvc` and
+    `ecvl` on PATH, HOME in `cwd`, no DVC analytics; `ecvl` runs `cwd`'s copy of the code."""
+    import subprocess
+    import sys
+
+    bindir = str(Path(sys.executable).parent)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(cwd), "DVC_NO_ANALYTICS": "1"}
+    env["PYTHONPATH"] = str(cwd)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+
+
+def dvc_project(directory: Path) -> Path:
+    """What a clone holds for `dvc repro` (dvc.yaml, params.yaml, the code, data/raw/README.md,
+    DVC's plot templates), as a new git + DVC repository in `directory`."""
+    import shutil
+
+    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", "data/raw/README.md"):
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, directory / name)
+    for pkg in ("ecvl", "pipeline"):
+        shutil.copytree(REPO / pkg, directory / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    assert sh(directory, "git", "init", "-q").returncode == 0
+    assert sh(directory, "dvc", "init", "-q").returncode == 0
+    shutil.copytree(REPO / ".dvc/plots", directory / ".dvc/plots")
+    return directory

@@ -1,37 +1,19 @@
 """`dvc repro` in a temporary git repo: the way users run the pipeline."""
 
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _sh(cwd, *cmd):
-    bindir = str(Path(sys.executable).parent)
-    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(cwd), "DVC_NO_ANALYTICS": "1"}
-    env["PYTHONPATH"] = str(cwd)  # `ecvl` runs the repo's copy of the code, not an install
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+from support import dvc_project, sh
 
 
 @pytest.fixture
 def repo(tmp_path):
-    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", "data/raw/README.md"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, tmp_path / name)
-    for pkg in ("ecvl", "pipeline"):
-        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    dvc_project(tmp_path)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["base"].update(num_workers=0, progress=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _sh(tmp_path, "git", "init", "-q").returncode == 0
-    assert _sh(tmp_path, "dvc", "init", "-q").returncode == 0
-    shutil.copytree(ROOT / ".dvc/plots", tmp_path / ".dvc/plots")
     return tmp_path
 
 
@@ -41,32 +23,32 @@ def test_plots_show_draws_one_line_per_stage2_mode_and_its_output_is_ignored(rep
         "mode,epoch,val_few_acc\nballad,1,0.1\nballad,2,0.2\necvl,1,0.3\necvl,2,0.4\n"
     )
     _git_commit(repo, "plots")
-    shown = _sh(repo, "dvc", "plots", "show", "--json", "plots/stage2.csv")
+    shown = sh(repo, "dvc", "plots", "show", "--json", "plots/stage2.csv")
     assert shown.returncode == 0, shown.stderr
     spec = json.loads(shown.stdout)["data"]["plots/stage2.csv"][0]["content"]
     assert spec["encoding"]["color"]["field"] == "mode"  # not one line through all modes
-    assert _sh(repo, "dvc", "plots", "show", "plots/stage2.csv").returncode == 0
+    assert sh(repo, "dvc", "plots", "show", "plots/stage2.csv").returncode == 0
     assert (repo / "dvc_plots/index.html").is_file()
-    assert _sh(repo, "git", "status", "--porcelain").stdout == ""  # dvc_plots/ is ignored
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""  # dvc_plots/ is ignored
 
 
 @pytest.mark.slow
 def test_dvc_repro_shard_then_nothing_to_do(repo):
-    run = _sh(repo, "dvc", "repro", "shard")
+    run = sh(repo, "dvc", "repro", "shard")
     assert run.returncode == 0, run.stderr + run.stdout
     assert (repo / "data/shards/meta.json").is_file()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["shard"]["params"]["params.yaml"]["shard"]["imbalance_factor"] == 20
-    again = _sh(repo, "dvc", "repro", "shard")
+    again = sh(repo, "dvc", "repro", "shard")
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout
-    status = _sh(repo, "dvc", "status", "shard")
+    status = sh(repo, "dvc", "status", "shard")
     assert "up to date" in status.stdout
 
 
 def _git_commit(repo, message):
-    _sh(repo, "git", "add", "-A")
-    run = _sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+    sh(repo, "git", "add", "-A")
+    run = sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
     assert run.returncode == 0, run.stderr
 
 
@@ -84,7 +66,7 @@ def test_dvc_whole_pipeline_caching_and_metrics_diff(repo):
     params["stage2"].update(epochs=2, batch_size=64)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
-    first = _sh(repo, "dvc", "repro")
+    first = sh(repo, "dvc", "repro")
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
     assert _ran(first.stdout) == ["shard", "stage1", "export", "stage2", "evaluate", "package"]
     assert (repo / "models/classifier/card.md").is_file()
@@ -102,28 +84,28 @@ def test_dvc_whole_pipeline_caching_and_metrics_diff(repo):
     assert (repo / "dvc.lock").is_file()
     _git_commit(repo, "first run")
 
-    again = _sh(repo, "dvc", "repro")
+    again = sh(repo, "dvc", "repro")
     assert again.returncode == 0 and _ran(again.stdout) == []
     # every stage again: identical outputs, so dvc.lock, plots and reports stay as committed
-    forced = _sh(repo, "dvc", "repro", "-f")
+    forced = sh(repo, "dvc", "repro", "-f")
     assert forced.returncode == 0, forced.stderr[-3000:]
-    assert _sh(repo, "git", "status", "--porcelain").stdout == ""
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""
     assert (repo / "logs/stage1_timings.csv").is_file()  # timings went where git ignores them
 
     params["stage2"]["lambda"] = 0.5
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = _sh(repo, "dvc", "repro")
+    changed = sh(repo, "dvc", "repro")
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert _ran(changed.stdout) == ["stage2", "evaluate", "package"]
 
     params["package"]["mode"] = "ballad"  # another head: only the package is rebuilt
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    shipped = _sh(repo, "dvc", "repro")
+    shipped = sh(repo, "dvc", "repro")
     assert shipped.returncode == 0, shipped.stderr[-3000:]
     assert _ran(shipped.stdout) == ["package"]
     assert '"mode": "ballad"' in (repo / "models/classifier/classifier.json").read_text()
 
-    diff = _sh(repo, "dvc", "metrics", "diff", "--all")
+    diff = sh(repo, "dvc", "metrics", "diff", "--all")
     assert diff.returncode == 0, diff.stderr
     assert "metrics/eval.json" in diff.stdout
     assert "test.stage2_ecvl.all_acc" in diff.stdout

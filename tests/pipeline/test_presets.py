@@ -19,7 +19,34 @@ PRESETS = sorted((Path(pipeline.__file__).parent / "presets").glob("*.yaml"))
 
 
 def test_presets_ship():
-    assert "cifar100_lt" in [p.stem for p in PRESETS]
+    assert [p.stem for p in PRESETS] == [
+        "cifar100_lt",
+        "cifar100_lt_paper",
+        "cifar100_lt_rn50",
+        "imagenet_lt_rn50",
+        "own_data_rn50",
+        "places_lt_rn50",
+    ]
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_marks_at_most_three_keys_to_edit(preset):
+    assert sum("# EDIT" in line for line in preset.read_text().splitlines()) <= 3
+
+
+@pytest.mark.parametrize("name", ["own_data_rn50", "imagenet_lt_rn50", "places_lt_rn50"])
+def test_rn50_presets_train_as_cifar100_lt_rn50(name):
+    """One set of RN50 training values: a change to cifar100_lt_rn50.yaml's stage I, export or
+    stage II is made to every RN50 preset. The presets for many classes bound the text tower
+    (`text_batch_size`), and those for 1,000 / 365 classes take larger stage-I batches."""
+    base = yaml.safe_load((PRESETS[0].parent / "cifar100_lt_rn50.yaml").read_text())
+    data = yaml.safe_load((PRESETS[0].parent / f"{name}.yaml").read_text())
+    allowed = {"text_batch_size", "batch_size"} if name != "own_data_rn50" else {"text_batch_size"}
+    stage1 = {k: v for k, v in data["stage1"].items() if k not in allowed}
+    assert stage1 == {k: v for k, v in base["stage1"].items() if k not in allowed}
+    assert data["stage1"]["text_batch_size"] == 250
+    for section in ("base", "prompts", "export", "stage2", "evaluate", "package"):
+        assert data[section] == base[section], section
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -29,6 +56,8 @@ def test_preset_is_a_valid_params_file(preset, tmp_path, tiny_npz):
     for key in ("train", "val", "test"):  # a tiny stand-in: the recipe is checked, not the data
         if isinstance(source.get(key), str):
             source[key] = str(tiny_npz["train"])
+    if "root" in source and not source.get("download") and not Path(source["root"]).exists():
+        source["root"] = str(tmp_path)  # the user's image root (marked EDIT)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     params = load_params(path)
