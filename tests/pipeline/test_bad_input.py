@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bad_inputs import CASES, README, UP, Case, readme_with_table, render_table
+from bad_inputs import CASES, TABLE_DOC, UP, Case, doc_with_table, render_table
 from pipeline.cli import main
 from support import write_params
 
@@ -77,8 +77,8 @@ def test_bad_input(case: Case, tmp_path, request, monkeypatch, caplog):
     assert _snapshot(tmp_path) == before  # nothing written, replaced or half-written
 
 
-def test_readme_table_is_up_to_date():
-    text = README.read_text()
-    assert readme_with_table(text, render_table()) == text, (
-        "README's bad-input table is stale: run `python tests/bad_inputs.py`"
+def test_bad_input_table_is_up_to_date():
+    text = TABLE_DOC.read_text()
+    assert doc_with_table(text, render_table()) == text, (
+        f"{TABLE_DOC.name}'s bad-input table is stale: run `python tests/bad_inputs.py`"
     )
