@@ -242,3 +242,41 @@ def dvc_project(directory: Path) -> Path:
     assert sh(directory, "dvc", "init", "-q").returncode == 0
     shutil.copytree(REPO / ".dvc/plots", directory / ".dvc/plots")
     return directory
+
+
+# Development history has no place in what users read (README, docs, model card, CLI help,
+# comments in params files): they need what is true now and why; history is in git log.
+HISTORY_PATTERNS = (
+    (r"(?<![\w/&])#\d+\b", "an issue or pull-request number"),
+    (r"\bissues?\b", "an issue"),
+    (
+        r"\b(previous|last|earlier|other|another) (session|machine|engineer)s?\b",
+        "a session or machine",
+    ),
+    (r"\b(this|that|the) session\b", "a session"),
+    (r"\b(dev|development) machines?\b", "the development machines"),
+    (r"\bengineers?\b|\bthe lead\b", "a person's role"),
+    (r"\btoday('s)?\b|\byesterday\b", "a day"),
+    (r"\b(before|after|since|until) (#|commit|issue|the fix|the change)", "before/after a change"),
+    (r"\bcommit [0-9a-f]{7,40}\b", "a commit"),
+    (r"\b(has|have) been lent\b|\bwas lent\b", "a lent machine"),
+    (r"\bat the last commit\b|\bpredate\b", "a point in history"),
+)
+_HEX = r"(?<![0-9A-Za-z])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}(?![0-9A-Za-z])"
+
+
+def history_phrases(text: str) -> list[str]:
+    """Every phrase of `text` that tells development history (an issue number, a session, a
+    machine, a commit, before/after a change), as `what: 'phrase'`. Commit-hash-like tokens
+    count in prose only: code blocks and HTML comments (generated output, digests) are skipped
+    for them."""
+    import re
+
+    found = [
+        f"{what}: {m.group(0)!r}"
+        for pattern, what in HISTORY_PATTERNS
+        for m in re.finditer(pattern, text, flags=re.IGNORECASE)
+    ]
+    prose = re.sub(r"```.*?```|<!--.*?-->", "", text, flags=re.DOTALL)
+    found += [f"a commit hash: {m.group(0)!r}" for m in re.finditer(_HEX, prose)]
+    return found
