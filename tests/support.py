@@ -268,8 +268,9 @@ _HEX = r"(?<![0-9A-Za-z])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}(?![0
 def history_phrases(text: str) -> list[str]:
     """Every phrase of `text` that tells development history (an issue number, a session, a
     machine, a commit, before/after a change), as `what: 'phrase'`. Commit-hash-like tokens
-    count in prose only: code blocks and HTML comments (generated output, digests) are skipped
-    for them."""
+    count in prose only: code blocks, HTML comments (digests) and generated blocks (between
+    `<!-- name:start ... -->` and `<!-- name:end -->`, such as `dvc exp show`'s experiment
+    ids) are skipped for them."""
     import re
 
     found = [
@@ -277,6 +278,7 @@ def history_phrases(text: str) -> list[str]:
         for pattern, what in HISTORY_PATTERNS
         for m in re.finditer(pattern, text, flags=re.IGNORECASE)
     ]
-    prose = re.sub(r"```.*?```|<!--.*?-->", "", text, flags=re.DOTALL)
+    generated = r"<!-- ([\w-]+):start\b.*?<!-- \1:end -->"
+    prose = re.sub(rf"```.*?```|{generated}|<!--.*?-->", "", text, flags=re.DOTALL)
     found += [f"a commit hash: {m.group(0)!r}" for m in re.finditer(_HEX, prose)]
     return found

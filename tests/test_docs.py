@@ -72,6 +72,8 @@ def test_cli_help_tells_no_history():
         "runs 2-3 shared the cores with another engineer's job",
         "the worktree at cf107b4 ran it",
         "These figures predate the raw shards.",
+        "<!-- a:start -->\n<!-- a:end -->\nthe worktree at cf107b4 ran it",
+        "<!-- a:start -->\nrun for issue #14\n<!-- a:end -->",
     ],
 )
 def test_history_detector_flags_history(text):
@@ -86,6 +88,7 @@ def test_history_detector_flags_history(text):
         "See [Resume](#resume-gpus-and-torchrun-with-dvc) and 16,400 img/s at 0x80.",
         "<!-- compare-runs:start params=0123456789abcdef -->",
         "```\n| ├── 4f2a9c1 [t5-ecvl] | 1 |\n```",
+        "<!-- compare-runs:start p=1 -->\n| ├── d206dc5 [t5-ecvl] | 1 |\n<!-- compare-runs:end -->",
         "wnid n01440764, ImageNet_LT_val.txt, bf16, cuda:0",
     ],
 )
