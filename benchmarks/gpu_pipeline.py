@@ -1,7 +1,8 @@
 """The CIFAR-100-LT presets' stages end to end on one GPU, timed per stage, JSON out.
 
 A GPU machine without internet can download nothing (no CIFAR-100 archive, no `openai`
-weights) and may not have the 500-per-class pool, and a working tree travels only up to a few tens of MB.
+weights) and may not have the 500-per-class pool, and a working tree travels only up to a few
+tens of MB.
 So the data go in two steps:
 
     # here, where the pool is: the preset's own shard stage, its long-tailed train split and
