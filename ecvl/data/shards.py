@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ecvl.data.pixels import ENCODINGS, MAX_RAW_SIDE, RAW_EXT, encode_npy, to_rgb
 from ecvl.data.sources import PIL_FORMATS, Split
+from ecvl.data.tar_reader import pax_path
 from ecvl.data.textfiles import read_json
 from ecvl.errors import DataError, EcvlError
 
@@ -389,9 +390,13 @@ def count_samples(shard: Path | str) -> int:
                     data = f.read(size)
                     if len(data) < size:
                         break
-                    long_name = (
-                        data.rstrip(b"\0") if kind == b"L" else _pax_path(data)
-                    ) or long_name
+                    if kind == b"L":
+                        long_name = data.rstrip(b"\0") or long_name
+                        continue
+                    try:
+                        long_name = pax_path(data) or long_name
+                    except ValueError:
+                        pass  # a corrupt record names nothing: the member keeps its own name
                     continue
                 name = long_name if long_name is not None else header[0:100].split(b"\0", 1)[0]
                 long_name = None
@@ -427,21 +432,3 @@ def _octal(field: bytes) -> int | None:
         return int(text, 8) if text else 0
     except ValueError:
         return None
-
-
-def _pax_path(data: bytes) -> bytes | None:
-    """The `path` record of a PAX header (records are `<len> <key>=<value>\\n`)."""
-    path, i = None, 0
-    while i < len(data):
-        space = data.find(b" ", i)
-        try:
-            length = int(data[i:space])
-        except ValueError:
-            return path
-        if length <= 0:
-            return path
-        key, _, value = data[space + 1 : i + length - 1].partition(b"=")
-        if key == b"path":
-            path = value
-        i += length
-    return path

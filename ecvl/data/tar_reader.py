@@ -87,7 +87,12 @@ def _members(url: str) -> Iterator[tuple[str, bytes]]:
                 long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
                 continue
             if kind == b"x":  # PAX extended header of the next member
-                long_name = _pax_path(data, url, pos) or long_name
+                try:
+                    path = pax_path(data)
+                except ValueError:
+                    raise DataError(f"{url}: corrupt PAX header before byte {pos}") from None
+                if path is not None:
+                    long_name = path.decode("utf-8", "surrogateescape")
                 continue
             name = long_name if long_name is not None else _name(header)
             long_name = None
@@ -127,21 +132,25 @@ def _check_header(header: bytes, url: str, pos: int) -> None:
         raise DataError(f"{url}: corrupt tar header at byte {pos} (no ustar magic)")
 
 
-def _pax_path(data: bytes, url: str, pos: int) -> str | None:
-    """The `path` record of a PAX header (records are `<len> <key>=<value>\\n`)."""
+def pax_path(data: bytes) -> bytes | None:
+    """The `path` record of a PAX header (records are `<len> <key>=<value>\\n`, `<len>`
+    counting the whole record), or None without one.
+
+    Raises:
+        ValueError: a record whose length is not a number or is shorter than its own length
+            field (a zero length would otherwise never advance).
+    """
     path, i = None, 0
     while i < len(data):
         space = data.find(b" ", i)
-        try:
-            length = int(data[i:space])
-        except ValueError:
-            raise DataError(f"{url}: corrupt PAX header before byte {pos}") from None
-        record = data[space + 1 : i + length - 1]
-        key, _, value = record.partition(b"=")
+        length = int(data[i:space]) if space > i else -1  # int() raises on a non-number
+        if length <= space - i:
+            raise ValueError(f"PAX record at offset {i} has length {length}")
+        key, _, value = data[space + 1 : i + length - 1].partition(b"=")
         if key == b"path":
-            path = value.decode("utf-8", "surrogateescape")
+            path = value
         i += length
     return path
 
 
-__all__ = ["iter_tar_samples", "read_tars", "shard_samples"]
+__all__ = ["iter_tar_samples", "pax_path", "read_tars", "shard_samples"]

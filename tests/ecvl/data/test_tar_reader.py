@@ -6,7 +6,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from ecvl.data.tar_reader import iter_tar_samples
+from ecvl.data.tar_reader import iter_tar_samples, pax_path
 from ecvl.errors import DataError
 
 
@@ -95,3 +95,35 @@ def test_corrupt_header_is_an_error(tmp_path):
 def test_missing_shard_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"cannot open shard \S+nope.tar"):
         list(iter_tar_samples([str(tmp_path / "nope.tar")]))
+
+
+@pytest.mark.parametrize(
+    "data, path",
+    [
+        (b"12 path=abc\n", b"abc"),
+        (b"15 mtime=1.000\n12 path=abc\n", b"abc"),
+        (b"15 mtime=1.000\n", None),
+    ],
+)
+def test_pax_path_reads_the_path_record(data, path):
+    assert pax_path(data) == path
+
+
+@pytest.mark.parametrize("data", [b"0 path=abc\n", b"1 path=abc\n", b"x path=abc\n", b"12"])
+def test_pax_path_refuses_a_record_that_cannot_advance(data):
+    with pytest.raises(ValueError):
+        pax_path(data)
+
+
+def test_a_zero_length_pax_record_is_a_corrupt_tar_not_a_hang(tmp_path):
+    """A PAX record whose length field is 0 would never advance the parser."""
+    path = tmp_path / "s.tar"
+    _tar(path, [(LONG + ".cls", b"3")])
+    raw = path.read_bytes()
+    at = raw.index(b" path=")
+    start = raw.rindex(b"\n", 0, at) + 1 if b"\n" in raw[:at] else at - 3
+    digits = raw[start:at]
+    assert digits.isdigit()
+    path.write_bytes(raw[:start] + b"0" * len(digits) + raw[at:])
+    with pytest.raises(DataError, match="corrupt PAX header"):
+        list(iter_tar_samples([str(path)]))
