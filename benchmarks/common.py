@@ -104,3 +104,19 @@ def data_alone_images_per_s(batches: Iterable, images: int) -> float:
         return images / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
+
+
+class NoImages:
+    """An image store of `n` samples that is never read: stands in for the store when every
+    view a benchmark serves comes from the bank or the clean cache."""
+
+    labels = None
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get_many_bytes(self, indices):
+        raise AssertionError("a view meant to come from the bank read the image store")

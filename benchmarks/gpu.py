@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from common import digits_train_shards, stage1_config
+from common import NoImages, digits_train_shards, stage1_config
 
 from ecvl.augment import plan_views, sample_base_view
 from ecvl.data.batch_augment import batch_augment_for
@@ -235,7 +235,7 @@ def bank_read_figures(device, args) -> dict:
         np.zeros((n, e, d), np.float16), np.zeros((n, e, 4), np.int32), np.zeros((n, e), bool)
     )
     enc = SelectiveEncoder(
-        np.zeros((n, d), np.float16), _Images(n), torch.nn.Identity(), None, device,
+        np.zeros((n, d), np.float16), NoImages(n), torch.nn.Identity(), None, device,
         bank=bank, cache_device=device,
     )  # fmt: skip
     rng = np.random.default_rng(0)
@@ -250,16 +250,6 @@ def bank_read_figures(device, args) -> dict:
         pass
     _sync(device)
     return {"samples": n, "dim": d, "views": e, "epoch_read_seconds": time.perf_counter() - start}
-
-
-class _Images:
-    labels = None
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def text_memory_figures(bundle, device, precision, args) -> dict:

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from common import preset_models
+from common import NoImages, preset_models
 
 from ecvl.augment import plan_views
 from ecvl.bank import encode_bank_block
@@ -259,21 +259,6 @@ def selective_vs_naive(world, bundle, pairs: int) -> dict:
     }
 
 
-class _NoImages:
-    """The scale test's image store: contrast_standard never reads one."""
-
-    labels = None
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def get_many_bytes(self, indices):
-        raise AssertionError("contrast_standard read the image store")
-
-
 def write_scale_store(path: Path, n: int, k: int, d: int) -> float:
     """Synthetic caches of ImageNet-LT's profile (1,280 down to 5 per class, scaled to n)."""
     rng = np.random.default_rng(0)
@@ -336,7 +321,7 @@ def scale_child(path: Path, policy: str) -> dict:
     train = emb.split("train")
     n = len(train.labels)
     encoder = SelectiveEncoder(
-        train.features, _NoImages(n), torch.nn.Identity(), None, "cpu", bank=bank
+        train.features, NoImages(n), torch.nn.Identity(), None, "cpu", bank=bank
     )
     trainer = Stage2Trainer(
         None, emb.text_features(), train.labels, encoder, config("contrast_standard", 1), "cpu"
