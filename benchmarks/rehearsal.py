@@ -12,6 +12,12 @@ e.g. `--set stage1.epochs=1` to run another preset, such as CIFAR-100-LT, on the
 for a side-by-side comparison. `--predict` adds `ecvl predict` of the packaged classifier on the
 test split's images. `--threads N` sets OMP_NUM_THREADS for every stage.
 
+`--dvc` runs it the way users do: the workdir holds a `git clone` of this repository's HEAD
+with the params file as its `params.yaml` (artifact paths as the file names them, inside the
+clone; list files made absolute), each stage is `dvc repro --single-item <stage>` there (so
+the times include DVC's hashing and caching), and then a second plain `dvc repro` is timed and
+its output recorded: it must find nothing to run (`second_repro.up_to_date`).
+
 Peak RSS is the child's own (`os.wait4`), so each stage has its own figure. Per-unit times
 divide a stage's wall time by what it processed (from `meta.json` and the params): images
 sharded, train images × stage-I epochs, images encoded by export (every split once, train
@@ -55,19 +61,27 @@ LIST_KEYS = ("train", "val", "test", "classnames")
 
 
 def workdir_params(
-    params: dict, workdir: Path, lists_dir: Path | None, overrides: list[str]
+    params: dict,
+    workdir: Path,
+    lists_dir: Path | None,
+    overrides: list[str],
+    move_paths: bool = True,
 ) -> dict:
-    """The params to run: artifact paths under `workdir`, lists swapped, values overridden."""
+    """The params to run: artifact paths under `workdir` (unless `move_paths` is False, for a
+    clone whose own folders hold them), list files absolute or swapped, values overridden."""
     data = json.loads(json.dumps(params))  # a deep copy
-    data["paths"] = {
-        key: value if key == "raw" else str(workdir / value)
-        for key, value in data.get("paths", {}).items()
-    }
+    if move_paths:
+        data["paths"] = {
+            key: value if key == "raw" else str(workdir / value)
+            for key, value in data.get("paths", {}).items()
+        }
     source = data["shard"]["source"]
-    if lists_dir is not None:
-        for key in LIST_KEYS[:3]:
-            if source.get(key):
-                source[key] = str(lists_dir / Path(source[key]).name)
+    for key in LIST_KEYS:
+        if source.get(key):
+            path = Path(source[key])
+            if lists_dir is not None and key != "classnames":
+                path = lists_dir / path.name
+            source[key] = str(path if path.is_absolute() else REPO / path)
     for item in overrides:
         key, _, value = item.partition("=")
         node = data
@@ -94,12 +108,12 @@ def artifact_sizes(stage: str, paths: dict) -> dict[str, int]:
     return sizes
 
 
-def run_child(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
+def run_child(cmd: list[str], log_path: Path, env: dict | None = None, cwd: Path = REPO) -> dict:
     """Run `cmd` with its output in `log_path`; its own wall time, CPU time and peak RSS."""
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -153,8 +167,16 @@ def main() -> None:
         help="OMP_NUM_THREADS for every stage (default: torch's own choice, as users run it); "
         "1 keeps the figures steadier on a machine other jobs share",
     )
+    ap.add_argument(
+        "--dvc",
+        action="store_true",
+        help="run each stage as `dvc repro --single-item` in a clone of HEAD, then a second "
+        "`dvc repro` that must find nothing to run",
+    )
     args = ap.parse_args()
     env = dict(os.environ)
+    # The venv's `ecvl` and `dvc` for the children, whether or not the venv is activated.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
 
@@ -162,15 +184,36 @@ def main() -> None:
     if workdir.is_relative_to(REPO):
         ap.error("--workdir lies inside the repository: artifacts of a rehearsal are large")
     workdir.mkdir(parents=True, exist_ok=True)
+    clone = workdir / "repo"
+    if args.dvc:
+        if clone.exists():
+            ap.error(f"{clone} exists: give a fresh --workdir for a --dvc rehearsal")
+        subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
     params = workdir_params(
         yaml.safe_load(args.params.read_text()),
         workdir,
         args.lists_dir.resolve() if args.lists_dir else None,
         args.overrides,
+        move_paths=not args.dvc,
     )
-    params_path = workdir / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    if args.dvc:
+        params["paths"] = {
+            key: value if Path(value).is_absolute() else str(clone / value)
+            for key, value in params["paths"].items()
+        }
+    params_path = (clone if args.dvc else workdir) / "params.yaml"
+    text = yaml.safe_dump(params, sort_keys=False)
+    if args.dvc:
+        # The clone's own params keep relative paths, as a user's do; `params` (absolute)
+        # is what this script reads the artifacts back from.
+        rel = {
+            k: str(Path(v).relative_to(clone)) if Path(v).is_relative_to(clone) else v
+            for k, v in params["paths"].items()
+        }
+        text = yaml.safe_dump({**params, "paths": rel}, sort_keys=False)
+    params_path.write_text(text)
     ecvl = str(Path(sys.executable).with_name("ecvl"))
+    dvc = str(Path(sys.executable).with_name("dvc"))
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -182,6 +225,7 @@ def main() -> None:
         "lists_dir": str(args.lists_dir) if args.lists_dir else None,
         "overrides": args.overrides,
         "threads": args.threads,
+        "dvc": args.dvc,
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -193,7 +237,8 @@ def main() -> None:
 
     def record(name: str, cmd: list[str], predicted: int = 0) -> bool:
         print(f"{name}: {' '.join(cmd)}", flush=True)
-        entry = {"stage": name, **run_child(cmd, workdir / f"{name}.log", env)}
+        cwd = clone if args.dvc else REPO
+        entry = {"stage": name, **run_child(cmd, workdir / f"{name}.log", env, cwd)}
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
         entry["artifact_bytes"] = artifact_sizes(name, params["paths"])
         count, unit = processed(name, params, meta, predicted)
@@ -213,8 +258,30 @@ def main() -> None:
         return entry["returncode"] == 0
 
     for stage in stages:
-        if not record(stage, [ecvl, stage, "--params", str(params_path)]):
+        cmd = (
+            [dvc, "repro", "--single-item", stage]
+            if args.dvc
+            else [ecvl, stage, "--params", str(params_path)]
+        )
+        if not record(stage, cmd):
             sys.exit(f"{stage} failed: see {workdir / (stage + '.log')}")
+    if args.dvc:
+        again = run_child([dvc, "repro"], workdir / "repro_again.log", env, clone)
+        output = (workdir / "repro_again.log").read_text()
+        status = subprocess.run([dvc, "status"], cwd=clone, env=env, capture_output=True, text=True)
+        result["second_repro"] = {
+            **again,
+            "output": output[-2000:],
+            "dvc_status": status.stdout.strip(),
+            "up_to_date": again["returncode"] == 0
+            and "Running stage" not in output
+            and "up to date" in status.stdout,
+        }
+        print(
+            f"second dvc repro: {again['seconds']} s, up to date: "
+            f"{result['second_repro']['up_to_date']}",
+            flush=True,
+        )
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         result["dataset"] = {

@@ -77,6 +77,18 @@ def test_workdir_params_moves_artifacts_and_swaps_lists(tmp_path):
     assert data["stage1"]["epochs"] == 1  # the loaded config is left as it was
 
 
+def test_workdir_params_for_a_clone_keeps_paths_and_makes_lists_absolute(tmp_path):
+    """`--dvc` runs in a clone of the repository: artifact paths stay as the file names them,
+    and a list file named relative to the repository still resolves from the clone."""
+    rehearsal = _rehearsal()
+    data = yaml.safe_load(CONFIGS[1].read_text())
+    out = rehearsal.workdir_params(data, tmp_path / "w", None, [], move_paths=False)
+    assert out["paths"] == data["paths"]
+    val = data["shard"]["source"]["val"]
+    assert not Path(val).is_absolute()
+    assert out["shard"]["source"]["val"] == str(REPO / val)
+
+
 def _keys(data: dict, prefix: str = "") -> set[str]:
     out = set()
     for key, value in data.items():
