@@ -70,6 +70,9 @@ def workdir_params(
     """The params to run: artifact paths under `workdir` (unless `move_paths` is False, for a
     clone whose own folders hold them), list files absolute or swapped, values overridden."""
     data = json.loads(json.dumps(params))  # a deep copy
+    raw = data.get("paths", {}).get("raw")
+    if raw and not Path(raw).is_absolute():  # the input data, named from the repository
+        data["paths"]["raw"] = str(REPO / raw)
     if move_paths:
         data["paths"] = {
             key: value if key == "raw" else str(workdir / value)

@@ -8,6 +8,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -28,17 +29,26 @@ def _with_standin_lists(data: dict, tmp_path: Path) -> dict:
     """The config with its source pointing at a one-image tree in tmp_path (the check is of the
     recipe, not of the stand-in data, which may be absent here)."""
     source = data["shard"]["source"]
+    data["paths"]["raw"] = str(tmp_path)
+    if source["name"] == "npz":  # the CIFAR-100-LT side by side: a one-image pool
+        path = tmp_path / "pool.npz"
+        np.savez(path, images=np.zeros((1, 32, 32, 3), np.uint8), labels=np.zeros(1, np.int64))
+        source["train"] = str(path)
+        return data
     for key in ("train", "val", "test"):
         path = tmp_path / Path(source[key]).name
         path.write_text("train/x/1.jpg 0\n")
         source[key] = str(path)
     source["root"] = str(tmp_path)
-    data["paths"]["raw"] = str(tmp_path)
     return data
 
 
 def test_both_datasets_have_a_config():
-    assert [c.stem for c in CONFIGS] == ["rehearsal_imagenet_lt", "rehearsal_places_lt"]
+    assert [c.stem for c in CONFIGS] == [
+        "rehearsal_cifar100_lt",
+        "rehearsal_imagenet_lt",
+        "rehearsal_places_lt",
+    ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -47,7 +57,7 @@ def test_config_is_a_valid_params_file_for_dvc(config, tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     params = load_params(path)
-    assert params.shard.source.name in ("imagenet_lt", "places_lt")
+    assert params.shard.source.name in ("imagenet_lt", "places_lt", "npz")
     assert params.stage1.model == "ecvl-tiny-rn" and params.stage1.epochs == 1
     assert params.stage2.epochs == 2 and params.stage2.modes[-1] == "ecvl"
     dvc_text = (REPO / "dvc.yaml").read_text()
@@ -63,7 +73,7 @@ def test_config_is_a_valid_params_file_for_dvc(config, tmp_path):
 
 def test_workdir_params_moves_artifacts_and_swaps_lists(tmp_path):
     rehearsal = _rehearsal()
-    data = yaml.safe_load(CONFIGS[0].read_text())
+    data = yaml.safe_load(CONFIGS[1].read_text())
     out = rehearsal.workdir_params(
         data, tmp_path / "w", tmp_path / "lists", ["stage1.epochs=3", "stage2.modes=[ecvl]"]
     )
@@ -81,12 +91,15 @@ def test_workdir_params_for_a_clone_keeps_paths_and_makes_lists_absolute(tmp_pat
     """`--dvc` runs in a clone of the repository: artifact paths stay as the file names them,
     and a list file named relative to the repository still resolves from the clone."""
     rehearsal = _rehearsal()
-    data = yaml.safe_load(CONFIGS[1].read_text())
+    data = yaml.safe_load(CONFIGS[0].read_text())
     out = rehearsal.workdir_params(data, tmp_path / "w", None, [], move_paths=False)
-    assert out["paths"] == data["paths"]
-    val = data["shard"]["source"]["val"]
-    assert not Path(val).is_absolute()
-    assert out["shard"]["source"]["val"] == str(REPO / val)
+    assert out["paths"]["raw"] == str(REPO / data["paths"]["raw"])  # input data, not the clone's
+    assert {k: v for k, v in out["paths"].items() if k != "raw"} == {
+        k: v for k, v in data["paths"].items() if k != "raw"
+    }
+    train = data["shard"]["source"]["train"]
+    assert not Path(train).is_absolute()
+    assert out["shard"]["source"]["train"] == str(REPO / train)
 
 
 def _keys(data: dict, prefix: str = "") -> set[str]:
