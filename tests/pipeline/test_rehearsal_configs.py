@@ -117,3 +117,52 @@ def test_config_spells_out_every_params_yaml_key(config):
     assert _keys(yaml.safe_load(config.read_text())) == _keys(
         yaml.safe_load((REPO / "params.yaml").read_text())
     )
+
+
+def _compare_module():
+    spec = importlib.util.spec_from_file_location(
+        "rehearsal_compare", REPO / "benchmarks/rehearsal_compare.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(ms: dict[str, float], count: int, second_ok: bool = True) -> dict:
+    stages = [
+        {
+            "stage": name,
+            "returncode": 0,
+            "seconds": value * count / 1000,
+            "peak_rss_mb": 900.0,
+            "load_before": 1.0,
+            "load_after": 1.0,
+            "per_unit": {"count": count, "unit": "image"},
+            "ms_per_unit": value,
+        }
+        for name, value in ms.items()
+    ]
+    return {
+        "params": "p.yaml",
+        "machine": {"cpus": 2},
+        "stages": stages,
+        "second_repro": {"seconds": 5.0, "up_to_date": second_ok},
+    }
+
+
+def test_compare_flags_a_stage_slower_per_image_than_the_baseline():
+    compare = _compare_module().compare
+    stages = ("shard", "stage1", "export", "stage2", "evaluate", "package")
+    base = _fake_run(dict.fromkeys(stages, 1.0), 10_000)
+    fine = compare(base, _fake_run(dict.fromkeys(stages, 1.4), 100_000), 60, 8, 1.5)
+    assert all(fine["goals"].values())
+    assert [s["ratio"] for s in fine["stages"]] == [1.4] * 6
+    slow = compare(
+        base, _fake_run({**dict.fromkeys(stages, 1.0), "stage2": 1.6}, 100_000), 60, 8, 1.5
+    )
+    assert not slow["goals"]["per_image_within_ratio"]
+    assert [s["stage"] for s in slow["stages"] if not s["meets_ratio"]] == ["stage2"]
+    long = compare(base, _fake_run(dict.fromkeys(stages, 1.0), 1_000_000), 60, 8, 1.5)
+    assert not long["goals"]["within_minutes"]  # 6 stages × 1,000 s
+    stale = compare(base, _fake_run(dict.fromkeys(stages, 1.0), 100, second_ok=False), 60, 8, 1.5)
+    assert not stale["goals"]["second_repro_changes_nothing"]
