@@ -81,6 +81,72 @@ def compare(baseline: dict, run: dict, minutes: float, rss_gb: float, ratio: flo
     }
 
 
+def markdown(result: dict) -> str:
+    """The side-by-side table for benchmarks/README.md: per stage the wall time, peak RSS and
+    time per unit of each rehearsal, with its ratio to the baseline's time per unit."""
+    names = list(result["rehearsals"])
+    base_label = _label({"params": result["baseline"], "dataset": result["baseline_dataset"]})
+    head = ["stage", base_label] + [_label(result["rehearsals"][n]) for n in names]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    base = {s["stage"]: s for s in result["baseline_stages"]}
+    order = [s["stage"] for s in result["rehearsals"][names[0]]["stages"]]
+    for stage in order:
+        cells = [stage, _cell(base.get(stage))]
+        for n in names:
+            row = {s["stage"]: s for s in result["rehearsals"][n]["stages"]}.get(stage)
+            cell = _cell(row)
+            if row and "ratio" in row:
+                cell += f" (**{row['ratio']:.2f}×**)"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    base_total = sum(s["seconds"] for s in result["baseline_stages"] if s["stage"] != "predict")
+    base_peak = max(s["peak_rss_mb"] for s in result["baseline_stages"])
+    totals = ["whole pipeline", f"{base_total / 60:.1f} min, peak {base_peak / 1024:.2f} GB"]
+    for n in names:
+        r = result["rehearsals"][n]
+        totals.append(
+            f"{r['pipeline_seconds'] / 60:.1f} min, peak {r['max_peak_rss_mb'] / 1024:.2f} GB"
+        )
+    lines.append("| " + " | ".join(totals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> str:
+    """The README's one-sentence reading of the comparison (a test keeps the two in step)."""
+    parts = []
+    for r in result["rehearsals"].values():
+        name = Path(r["params"]).stem.removeprefix("rehearsal_")
+        parts.append(f"{DATASETS.get(name, name)} {r['pipeline_seconds'] / 60:.0f} min")
+    peak = max(r["max_peak_rss_mb"] for r in result["rehearsals"].values()) / 1024
+    worst = max(
+        s["ratio"] for r in result["rehearsals"].values() for s in r["stages"] if "ratio" in s
+    )
+    return (
+        f"whole pipeline: {', '.join(parts)}; at most {peak:.1f} GB in any stage; every "
+        f"stage's time per image at most {worst:.2f}× CIFAR-100-LT's"
+    )
+
+
+DATASETS = {"imagenet_lt": "ImageNet-LT", "places_lt": "Places-LT", "cifar100_lt": "CIFAR-100-LT"}
+
+
+def _label(r: dict) -> str:
+    name = Path(r["params"]).stem.removeprefix("rehearsal_")
+    data = r["dataset"] or {}
+    train = data.get("counts", {}).get("train", 0)
+    return f"{DATASETS.get(name, name)} ({data.get('classes', '?')} classes, {train:,} train)"
+
+
+def _cell(row: dict | None) -> str:
+    """`seconds s · ms per unit`: the unit is the stage's (see rehearsal.py)."""
+    if not row:
+        return "–"
+    per = row.get("ms_per_unit")
+    peak = row["peak_rss_mb"] / 1024
+    text = f"{row['seconds']:.0f} s, {peak:.1f} GB"
+    return text + (f", {per:.2f} ms" if per else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="rehearsal JSONs to compare")
@@ -98,6 +164,7 @@ def main() -> None:
     result = {
         "baseline": str(args.baseline),
         "machine": baseline["machine"],
+        "baseline_dataset": baseline.get("dataset"),
         "goal": {"minutes": args.minutes, "rss_gb": args.rss_gb, "per_image_ratio": args.ratio},
         "baseline_stages": [
             {k: s.get(k) for k in ("stage", "seconds", "peak_rss_mb", "ms_per_unit", "per_unit")}
@@ -109,6 +176,8 @@ def main() -> None:
         },
     }
     result["meets_goals"] = all(all(r["goals"].values()) for r in result["rehearsals"].values())
+    result["table"] = markdown(result)
+    result["summary"] = summary(result)
     tmp = args.out.with_name(args.out.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(args.out)

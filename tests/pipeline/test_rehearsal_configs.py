@@ -5,6 +5,7 @@ artifact under its workdir."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -166,3 +167,31 @@ def test_compare_flags_a_stage_slower_per_image_than_the_baseline():
     assert not long["goals"]["within_minutes"]  # 6 stages × 1,000 s
     stale = compare(base, _fake_run(dict.fromkeys(stages, 1.0), 100, second_ok=False), 60, 8, 1.5)
     assert not stale["goals"]["second_repro_changes_nothing"]
+
+
+def test_compare_table_and_summary_follow_the_figures(tmp_path):
+    module = _compare_module()
+    stages = ("shard", "stage1", "export", "stage2", "evaluate", "package")
+    base = _fake_run(dict.fromkeys(stages, 1.0), 10_000)
+    run = _fake_run({**dict.fromkeys(stages, 1.0), "export": 1.25}, 100_000)
+    run["params"] = "benchmarks/configs/rehearsal_places_lt.yaml"
+    run["dataset"] = {"classes": 365, "counts": {"train": 62_500}}
+    paths = [tmp_path / "rehearsal_cifar100_lt.json", tmp_path / "rehearsal_places_lt.json"]
+    for path, data in zip(paths, (base, run), strict=True):
+        path.write_text(json.dumps(data))
+    out = tmp_path / "compare.json"
+    argv = ["x", "--baseline", str(paths[0]), str(paths[1]), "--out", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", argv)
+        module.main()
+    result = json.loads(out.read_text())
+    table = result["table"].splitlines()
+    assert (
+        table[0]
+        == "| stage | CIFAR-100-LT (? classes, 0 train) | Places-LT (365 classes, 62,500 train) |"
+    )
+    assert len(table) == 2 + len(stages) + 1
+    assert "(**1.25×**)" in next(line for line in table if line.startswith("| export |"))
+    assert "at most 1.25× CIFAR-100-LT's" in result["summary"]
+    assert "Places-LT 10 min" in result["summary"]  # 6 stages × 100 s
+    assert result["meets_goals"] is True
