@@ -122,8 +122,8 @@ def summary(result: dict) -> str:
         s["ratio"] for r in result["rehearsals"].values() for s in r["stages"] if "ratio" in s
     )
     return (
-        f"whole pipeline: {', '.join(parts)}; at most {peak:.1f} GB in any stage; every "
-        f"stage's time per image at most {worst:.2f}× CIFAR-100-LT's"
+        f"{' and '.join(parts)} for the whole pipeline, at most {peak:.1f} GB in any stage, "
+        f"every stage's time per image at most {worst:.2f}× CIFAR-100-LT's"
     )
 
 
@@ -134,7 +134,9 @@ def _label(r: dict) -> str:
     name = Path(r["params"]).stem.removeprefix("rehearsal_")
     data = r["dataset"] or {}
     train = data.get("counts", {}).get("train", 0)
-    return f"{DATASETS.get(name, name)} ({data.get('classes', '?')} classes, {train:,} train)"
+    classes = data.get("classes")
+    count = f"{classes:,}" if isinstance(classes, int) else "?"
+    return f"{DATASETS.get(name, name)} ({count} classes, {train:,} train)"
 
 
 def _cell(row: dict | None) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import re
 import typing
 from pathlib import Path
@@ -436,3 +437,23 @@ def test_params_comments_state_the_default_reshaping():
     comment = text[text.index("shard:") : text.index("  source:")]
     for stated in ("40 images per class held out as test", "imbalance_factor 20", "n_max 110"):
         assert stated in " ".join(comment.replace("#", "").split())
+
+
+# --- rehearsal figures ------------------------------------------------------------------------
+
+
+def test_rehearsal_table_and_reading_come_from_the_committed_comparison():
+    """benchmarks/README.md's rehearsal table and the README's one-line reading are what
+    `benchmarks/rehearsal_compare.py` makes of the committed rehearsal JSONs."""
+    spec = importlib.util.spec_from_file_location(
+        "rehearsal_compare", REPO / "benchmarks/rehearsal_compare.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = json.loads((REPO / "benchmarks/results/rehearsal_compare.json").read_text())
+    assert module.markdown(result) == result["table"]
+    assert module.summary(result) == result["summary"]
+    assert result["meets_goals"] is True
+    assert result["table"] in (REPO / "benchmarks/README.md").read_text(encoding="utf-8")
+    flat = " ".join(README.read_text(encoding="utf-8").split())
+    assert result["summary"] in flat
