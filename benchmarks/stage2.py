@@ -13,9 +13,10 @@ them (raw 32 px pixels), through each CPU preset's model.
 2. `ecvl`: one epoch's views (plans from the scores a trainer produced after two epochs, the
    params' k) served selectively (op-free views are bank rows, only the rest is rendered and
    re-encoded) and naively (every view rendered and re-encoded), at 1 and 2 torch threads.
-   Goals: selective ÷ naive ≤ f + 0.05, f the fraction re-encoded; the pixel work (read,
-   decode, crop, RandAugment, normalise) per re-encoded view ≤ 25 % of the encoder's time per
-   view.
+   Goals: selective ÷ naive ≤ f + 0.05, f the fraction re-encoded; the pixel work (gather,
+   crop, RandAugment, normalise) per re-encoded view ≤ 25 % of the encoder's time per view.
+   The train images are held in memory as stage II holds raw pixels of one size (JPEG members
+   are read and decoded per request instead).
 3. `measurement`: the per-epoch pass over all N samples (each anchor against both views of
    `batch_size` balanced draws) as a fraction of an `ecvl` epoch, on base views and on the
    views training would see.
@@ -145,6 +146,8 @@ def build_world(root: Path, bundle, n: int, batch_size: int) -> dict:
 
 
 def _encoder(world, bundle) -> SelectiveEncoder:
+    """The encoder as stage II builds it for these images: raw pixels of one size that fit the
+    memory budget are held in memory and gathered per request (`pipeline/stage2.py`)."""
     return SelectiveEncoder(
         world["cache"],
         world["store"],
@@ -153,6 +156,7 @@ def _encoder(world, bundle) -> SelectiveEncoder:
         "cpu",
         batch_size=stage2_params()["encode_batch_size"],
         bank=world["bank"],
+        pixels=world["store"].raw_pixels(),
     )
 
 
