@@ -160,6 +160,8 @@ class EmbeddingWriter:
         self.num_classes = len(attrs["classes"])
         self._chunk_rows = int(chunk_rows)
         self._attrs = self._root_attrs(attrs)
+        # Consecutive blocks of a split wait here until they fill whole chunks (see `write`).
+        self._pending: dict[str, list[tuple[int, np.ndarray, np.ndarray, list[str]]]] = {}
 
         if resume and self._is_store(self.path) and self._try_resume():
             return
@@ -320,6 +322,13 @@ class EmbeddingWriter:
     ) -> None:
         """Write rows ``start .. start + len(features)`` of `split`.
 
+        Blocks that continue the previous one are held in memory until they fill whole chunks
+        (at most one chunk per split), so each chunk is compressed and written once instead of
+        read back, decompressed and rewritten for every block that touches it (blocks of one
+        shard, ~1,000 rows, against chunks of 4,096). `mark_complete` writes what is left; rows
+        not yet written when the process dies are rewritten by the split's re-export, which a
+        store without the split's completion mark gets anyway.
+
         Args:
             split: split name.
             start: first row of the block.
@@ -370,14 +379,38 @@ class EmbeddingWriter:
         if n == 0:
             return
 
-        end = start + n
-        grp["features"][start:end] = f16
-        grp["labels"][start:end] = lab
-        grp["keys"][start:end] = np.array(key_list, dtype=object)
+        waiting = self._pending.get(split)
+        if waiting and start != waiting[-1][0] + len(waiting[-1][1]):
+            self._flush(split)  # not the next block: write what waits as it is
+        pending = self._pending.setdefault(split, [])
+        pending.append((start, f16, lab, key_list))
+        chunk = int(grp["features"].chunks[0])
+        first, end = pending[0][0], start + n
+        whole = end if end == n_rows else end // chunk * chunk  # the last full chunk's end
+        if whole > first and (whole - first >= chunk or whole == n_rows):
+            self._flush(split, until=whole)
+
+    def _flush(self, split: str, until: int | None = None) -> None:
+        """Write the waiting blocks of `split` (rows before `until`; all if None)."""
+        pending = self._pending.get(split)
+        if not pending:
+            return
+        first = pending[0][0]
+        f16 = np.concatenate([b[1] for b in pending])
+        lab = np.concatenate([b[2] for b in pending])
+        keys = [k for b in pending for k in b[3]]
+        end = first + len(f16) if until is None else until
+        cut = end - first
+        grp = self._root[split]
+        grp["features"][first:end] = f16[:cut]
+        grp["labels"][first:end] = lab[:cut]
+        grp["keys"][first:end] = np.array(keys[:cut], dtype=object)
+        self._pending[split] = [(end, f16[cut:], lab[cut:], keys[cut:])] if cut < len(f16) else []
 
     def mark_complete(self, split: str) -> None:
         """Mark `split` finished (the caller wrote all its rows); the reader refuses a store with
         an unfinished split."""
+        self._flush(split)
         n = self._splits[split]
         self._split(split).attrs.update({"rows_written": n, "complete": True})
         log.info("%s: split %r complete (%d rows)", self.path, split, n)

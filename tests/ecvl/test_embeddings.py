@@ -215,3 +215,55 @@ def test_resume_over_interrupted_creation_starts_over(tmp_path):
     w = writer(path)
     assert not w.is_complete("train")
     assert zarr.open_group(path, mode="r", zarr_format=3).attrs["initialized"] is True
+
+
+def _feature_writes(monkeypatch) -> list[tuple[int, int]]:
+    """Record every (start, stop) row range written into a `features` array."""
+    calls: list[tuple[int, int]] = []
+    original = zarr.Array.__setitem__
+
+    def spy(self, selection, value):
+        if self.path.endswith("features") and isinstance(selection, slice):
+            calls.append((selection.start, selection.stop))
+        return original(self, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", spy)
+    return calls
+
+
+def test_consecutive_blocks_reach_zarr_as_whole_chunks(tmp_path, monkeypatch):
+    """Blocks of 3 rows against chunks of 4: each chunk is written once, whole, so no block
+    makes zarr read back, decompress and rewrite a chunk an earlier block filled."""
+    calls = _feature_writes(monkeypatch)
+    w = writer(tmp_path / "e.zarr")
+    write_rows(w, "train", 0, 11)
+    assert calls == [(0, 4), (4, 8), (8, 11)]  # the last one ends the split
+    w.mark_complete("train")
+    assert calls == [(0, 4), (4, 8), (8, 11)]
+    np.testing.assert_array_equal(
+        arrays(tmp_path / "e.zarr")["train/features"][:11],
+        DATA["train"][0].astype(np.float16),
+    )
+
+
+def test_blocks_out_of_order_are_written_as_they_come(tmp_path, monkeypatch):
+    calls = _feature_writes(monkeypatch)
+    w = writer(tmp_path / "e.zarr")
+    write_rows(w, "train", 4, 7)  # less than a chunk: it waits
+    assert calls == []
+    write_rows(w, "train", 0, 4)  # not its continuation: the waiting block goes first
+    assert calls == [(4, 7), (0, 4)]
+    write_rows(w, "train", 7, 11, block=4)  # ends the split: written at once
+    assert calls == [(4, 7), (0, 4), (7, 11)]
+    write_rows(w, "test", 0, 3)
+    w.mark_complete("test")  # what waits is written
+    assert calls[-1] == (0, 3)
+    w.mark_complete("train")
+    store = arrays(tmp_path / "e.zarr")
+    feats, labels, keys = DATA["train"]
+    np.testing.assert_array_equal(store["train/features"], feats.astype(np.float16))
+    np.testing.assert_array_equal(store["train/labels"], labels)
+    assert list(store["train/keys"]) == keys
+    np.testing.assert_array_equal(
+        store["test/features"][:3], DATA["test"][0][:3].astype(np.float16)
+    )
