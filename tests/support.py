@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 import yaml
 
+REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR_POOL = SHARED / "data" / "cifar100" / "cifar100_train.npz"
 
@@ -213,9 +217,6 @@ def write_pngs(directory: Path, n: int, size: int = 24, seed: int = 0) -> list[P
     return paths
 
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def sh(cwd: Path, *cmd: str):
     """Run `cmd` in `cwd` as a user's shell would in a fresh clone: this interpreter's `dvc` and
     `ecvl` on PATH, HOME in `cwd`, no DVC analytics; `ecvl` runs `cwd`'s copy of the code."""
@@ -282,3 +283,14 @@ def history_phrases(text: str) -> list[str]:
     prose = re.sub(rf"```.*?```|{generated}|<!--.*?-->", "", text, flags=re.DOTALL)
     found += [f"a commit hash: {m.group(0)!r}" for m in re.finditer(_HEX, prose)]
     return found
+
+
+def load_script(relpath: str) -> ModuleType:
+    """A script of the repository (`benchmarks/`, `docs/`: not a package) as a module, for
+    tests of its functions; registered under its name, as pickling its functions needs."""
+    path = REPO / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module

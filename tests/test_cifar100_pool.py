@@ -5,7 +5,6 @@ the MD5 list swapped for the stand-in's (the check itself is tested in test_sour
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import pickle
 from pathlib import Path
 
@@ -14,17 +13,13 @@ import pytest
 
 import ecvl.data.sources
 from ecvl.data.sources import NpzSource
+from support import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _pool_script():
-    spec = importlib.util.spec_from_file_location(
-        "cifar100_pool", REPO / "benchmarks/cifar100_pool.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/cifar100_pool.py")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ exist, and the set-up commands CI runs."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 import typing
@@ -18,7 +17,7 @@ from click.testing import CliRunner
 from ecvl.metrics import SUMMARY_KEYS
 from pipeline.cli import main
 from pipeline.params import Params
-from support import REPO, history_phrases
+from support import REPO, history_phrases, load_script
 
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").rglob("*.md"))
@@ -399,10 +398,7 @@ def test_readme_cites_the_paper():
 
 
 def _compare_runs():
-    spec = importlib.util.spec_from_file_location("compare_runs", REPO / "docs/compare_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/compare_runs.py")
 
 
 def test_compare_runs_example_was_made_from_these_params():
@@ -445,11 +441,7 @@ def test_params_comments_state_the_default_reshaping():
 def test_rehearsal_table_and_reading_come_from_the_committed_comparison():
     """benchmarks/README.md's rehearsal table and the README's one-line reading are what
     `benchmarks/rehearsal_compare.py` makes of the committed rehearsal JSONs."""
-    spec = importlib.util.spec_from_file_location(
-        "rehearsal_compare", REPO / "benchmarks/rehearsal_compare.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/rehearsal_compare.py")
     result = json.loads((REPO / "benchmarks/results/rehearsal_compare.json").read_text())
     assert module.markdown(result) == result["table"]
     assert module.summary(result) == result["summary"]

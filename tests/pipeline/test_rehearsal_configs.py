@@ -4,7 +4,6 @@ artifact under its workdir."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -14,16 +13,14 @@ import pytest
 import yaml
 
 from pipeline.params import load_params
+from support import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "benchmarks" / "configs").glob("rehearsal_*.yaml"))
 
 
 def _rehearsal():
-    spec = importlib.util.spec_from_file_location("rehearsal", REPO / "benchmarks/rehearsal.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/rehearsal.py")
 
 
 def _with_standin_lists(data: dict, tmp_path: Path) -> dict:
@@ -121,12 +118,7 @@ def test_config_spells_out_every_params_yaml_key(config):
 
 
 def _compare_module():
-    spec = importlib.util.spec_from_file_location(
-        "rehearsal_compare", REPO / "benchmarks/rehearsal_compare.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/rehearsal_compare.py")
 
 
 def _fake_run(ms: dict[str, float], count: int, second_ok: bool = True) -> dict:

@@ -7,8 +7,6 @@ when it is absent. Parsing needs no image: a source reads its lists and checks o
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from PIL import Image
 
 from ecvl.data.shards import write_split_shards
 from ecvl.data.sources import ImageNetLTSource, PlacesLTSource
-from support import SHARED
+from support import SHARED, load_script
 
 REPO = Path(__file__).resolve().parents[3]
 IMAGENET = SHARED / "data" / "imagenet_lt"
@@ -29,13 +27,7 @@ needs_lists = pytest.mark.skipif(
 
 
 def _standin():
-    spec = importlib.util.spec_from_file_location(
-        "standin_tree", REPO / "benchmarks" / "standin_tree.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["standin_tree"] = module  # its worker function pickles by module name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/standin_tree.py")
 
 
 standin = _standin()
