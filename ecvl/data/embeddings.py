@@ -323,11 +323,11 @@ class EmbeddingWriter:
         """Write rows ``start .. start + len(features)`` of `split`.
 
         Blocks that continue the previous one are held in memory until they fill whole chunks
-        (at most one chunk per split), so each chunk is compressed and written once instead of
-        read back, decompressed and rewritten for every block that touches it (blocks of one
-        shard, ~1,000 rows, against chunks of 4,096). `mark_complete` writes what is left; rows
-        not yet written when the process dies are rewritten by the split's re-export, which a
-        store without the split's completion mark gets anyway.
+        (at most a chunk and a block per split), so each chunk is compressed and written once
+        instead of read back, decompressed and rewritten for every block that touches it (blocks
+        of one shard, ~1,000 rows, against chunks of 4,096). `mark_complete` writes what is
+        left; rows not yet written when the process dies are rewritten by the split's
+        re-export, which a store without the split's completion mark gets anyway.
 
         Args:
             split: split name.
