@@ -199,22 +199,10 @@ def main() -> None:
         args.overrides,
         move_paths=not args.dvc,
     )
-    if args.dvc:
-        params["paths"] = {
-            key: value if Path(value).is_absolute() else str(clone / value)
-            for key, value in params["paths"].items()
-        }
     params_path = (clone if args.dvc else workdir) / "params.yaml"
-    text = yaml.safe_dump(params, sort_keys=False)
-    if args.dvc:
-        # The clone's own params keep relative paths, as a user's do; `params` (absolute)
-        # is what this script reads the artifacts back from.
-        rel = {
-            k: str(Path(v).relative_to(clone)) if Path(v).is_relative_to(clone) else v
-            for k, v in params["paths"].items()
-        }
-        text = yaml.safe_dump({**params, "paths": rel}, sort_keys=False)
-    params_path.write_text(text)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    if args.dvc:  # the clone's params name its own folders; this script reads them from here
+        params["paths"] = {key: str(clone / value) for key, value in params["paths"].items()}
     ecvl = str(Path(sys.executable).with_name("ecvl"))
     dvc = str(Path(sys.executable).with_name("dvc"))
     stages = [s for s in args.stages.split(",") if s]

@@ -23,6 +23,8 @@ import json
 import os
 from pathlib import Path
 
+from rehearsal import STAGES
+
 
 def stage_table(result: dict) -> dict[str, dict]:
     return {s["stage"]: s for s in result["stages"]}
@@ -59,22 +61,21 @@ def compare(baseline: dict, run: dict, minutes: float, rss_gb: float, ratio: flo
         if max(s.get("load_before", 0), s.get("load_after", 0)) > cpus + 0.5
     ]
     ratios = [s for s in stages if "ratio" in s]
+    peak = max(s["peak_rss_mb"] for s in run["stages"])
     return {
         "params": run["params"],
         "dataset": run.get("dataset"),
         "stages": stages,
         "pipeline_seconds": round(pipeline_total, 1),
         "seconds_with_predict": round(total, 1),
-        "max_peak_rss_mb": max(s["peak_rss_mb"] for s in run["stages"]),
-        "second_repro_up_to_date": bool(second and second.get("up_to_date")),
+        "max_peak_rss_mb": peak,
         "second_repro_seconds": second["seconds"] if second else None,
         "stages_run_under_load": busy,
         "goals": {
             "completes": all(s["returncode"] == 0 for s in run["stages"])
-            and {"shard", "stage1", "export", "stage2", "evaluate", "package"}
-            <= {s["stage"] for s in run["stages"]},
+            and set(STAGES) <= {s["stage"] for s in run["stages"]},
             "within_minutes": pipeline_total <= minutes * 60,
-            "peak_rss_under": max(s["peak_rss_mb"] for s in run["stages"]) < rss_gb * 1024,
+            "peak_rss_under": peak < rss_gb * 1024,
             "per_image_within_ratio": bool(ratios) and all(s["meets_ratio"] for s in ratios),
             "second_repro_changes_nothing": bool(second and second.get("up_to_date")),
         },

@@ -287,10 +287,15 @@ def history_phrases(text: str) -> list[str]:
 
 def load_script(relpath: str) -> ModuleType:
     """A script of the repository (`benchmarks/`, `docs/`: not a package) as a module, for
-    tests of its functions; registered under its name, as pickling its functions needs."""
+    tests of its functions; registered under its name, as pickling its functions needs, and
+    importing its neighbours as it does when run (its folder on the path)."""
     path = REPO / relpath
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
