@@ -94,20 +94,31 @@ def content_digest(f: h5py.File, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> str:
     n = int(f["labels"].shape[0])
     for a in range(0, n, chunk_rows):
         b = min(n, a + chunk_rows)
-        images = f["images"][a:b]
-        labels = f["labels"][a:b].astype("<i8")
-        keys = f["keys"].asstr()[a:b]
-        exts = f["ext"].asstr()[a:b]
-        for img, label, key, ext in zip(images, labels, keys, exts, strict=True):
-            raw = img.tobytes()
-            k = key.encode("utf-8")
-            h.update(len(raw).to_bytes(8, "little"))
-            h.update(raw)
-            h.update(label.tobytes())
-            h.update(len(k).to_bytes(8, "little"))
-            h.update(k)
-            h.update(ext.encode("ascii").ljust(4, b"\0"))
+        images = [img.tobytes() for img in f["images"][a:b]]
+        h.update(
+            _digest_records(images, f["labels"][a:b], f["keys"].asstr()[a:b], f["ext"].asstr()[a:b])
+        )
     return h.hexdigest()
+
+
+def _digest_records(
+    images: Sequence[bytes], labels: np.ndarray, keys: Sequence[str], exts: Sequence[str]
+) -> bytes:
+    """What `content_digest` hashes for a block of rows: per row the image's length (8 bytes,
+    little-endian) and bytes, the label (int64 little-endian), the key's UTF-8 length and
+    bytes, the ext padded to 4 bytes."""
+    parts: list[bytes] = []
+    for raw, label, key, ext in zip(images, labels.astype("<i8"), keys, exts, strict=True):
+        k = key.encode("utf-8")
+        parts += (
+            len(raw).to_bytes(8, "little"),
+            raw,
+            label.tobytes(),
+            len(k).to_bytes(8, "little"),
+            k,
+            ext.encode("ascii").ljust(4, b"\0"),
+        )
+    return b"".join(parts)
 
 
 class ImageStoreWriter:
@@ -131,6 +142,10 @@ class ImageStoreWriter:
         self.n = int(n)
         self._chunk_rows = int(chunk_rows)
         self._f: h5py.File | None = None
+        # `content_digest` of the rows written so far, while they arrive in order from row 0
+        # (None after any other write): export writes in order, so the digest costs no read-back
+        self._digest: Any = hashlib.sha256()
+        self._digested = 0
         self._create()
 
     def _create(self) -> None:
@@ -198,9 +213,10 @@ class ImageStoreWriter:
             return
 
         images = np.empty(m, dtype=_IMG_DTYPE)
-        exts = []
+        exts, raws = [], []
         for j, (item, key) in enumerate(zip(encoded, key_list, strict=True)):
             raw = _as_bytes(item)
+            raws.append(raw)
             ext = sniff_format(raw)
             if ext is None:
                 raise DataError(
@@ -224,6 +240,11 @@ class ImageStoreWriter:
         f["labels"][start:end] = lab.astype(np.int64)
         f["keys"][start:end] = key_list
         f["ext"][start:end] = exts
+        if self._digest is not None and start == self._digested:
+            self._digest.update(_digest_records(raws, lab, key_list, exts))
+            self._digested = end
+        else:
+            self._digest = None
 
     def mark_complete(self) -> str:
         """Compute the content digest, record it and mark the store complete (the caller wrote
@@ -231,7 +252,10 @@ class ImageStoreWriter:
         f = self._file
         f.attrs["rows_written"] = self.n
         exts = set(f["ext"].asstr()[...].tolist())
-        digest = content_digest(f, self._chunk_rows)
+        if self._digest is not None and self._digested == self.n:
+            digest = self._digest.hexdigest()
+        else:
+            digest = content_digest(f, self._chunk_rows)
         f.attrs["ext"] = exts.pop() if len(exts) == 1 else ("mixed" if exts else "")
         f.attrs["content_sha256"] = digest
         f.flush()  # the flushes place HDF5's metadata: other calls give other (equal) bytes

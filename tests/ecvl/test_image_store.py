@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, features
 
-from ecvl.data.image_store import ImageStore, ImageStoreWriter, sniff_format
+from ecvl.data.image_store import ImageStore, ImageStoreWriter, content_digest, sniff_format
 from ecvl.errors import DataError
 
 FORMATS = ["PNG", "JPEG", "BMP"] + (["WEBP"] if features.check("webp") else [])
@@ -214,3 +214,18 @@ def test_raw_member_that_does_not_decode_names_the_sample(tmp_path):
     write_store(path, 1, [data[:-3]], LABELS[:1], KEYS[:1])
     with pytest.raises(DataError, match=r"sample 0 \(key 'sample-000'\) does not decode: .npy"):
         ImageStore(path).get_image(0)
+
+
+def test_digest_is_the_stores_content_however_rows_arrive(tmp_path):
+    """The writer hashes rows as they arrive in order; the digest it records is the one
+    `content_digest` computes from the file, and blocks written out of order (hashed from
+    the file instead) give the same digest."""
+    in_order = write_store(tmp_path / "a.h5")
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        assert content_digest(f) == in_order
+    with ImageStoreWriter(tmp_path / "b.h5", N, chunk_rows=4) as w:
+        for a in reversed(range(0, N, 3)):
+            w.write(a, ENCODED[a : a + 3], LABELS[a : a + 3], KEYS[a : a + 3])
+        assert w.mark_complete() == in_order
+    other = write_store(tmp_path / "c.h5", keys=[*KEYS[:-1], "another-key"])
+    assert other != in_order
