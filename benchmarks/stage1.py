@@ -18,7 +18,7 @@ training thread (the data worker has a core of its own), which isolates what the
 itself costs the trainer. A third measurement reads the same batches with no training on one
 core; from it, `core_share_bound_ratio` is the best ratio any schedule could reach when the data
 path and the model share the machine's cores (see `common.core_share_bound`). The same reads
-through the pre-#16 path (PNG members, the per-image PIL transform) give `data_path_speedup`.
+through the per-image path (PNG members, the per-image PIL transform) give `data_path_speedup`.
 A run whose bare model is slower on all threads than on one is flagged `contended` and does
 not count for the goal: on a shared host the cores were not all ours.
 """
@@ -175,7 +175,7 @@ def measure(model: str, augment: str, args: argparse.Namespace) -> dict:
         alone, before, worker = [], [], []
         for _ in range(pairs):
             alone.append(data_alone(urls, batched))
-            # the pre-#16 path: PNG members and the per-image PIL transform
+            # the per-image path: PNG members and the per-image PIL transform
             before.append(data_alone(png.shard_paths("train"), None))
             if batched is not None:
                 worker.append(data_alone(urls, batched, gpu_worker=True))

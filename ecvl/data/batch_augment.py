@@ -1,9 +1,9 @@
-"""Stage-I crop + flip on whole uint8 batches (issue #16): one call per batch, on any device.
+"""Stage-I crop + flip on whole uint8 batches: one call per batch, on any device.
 
 The per-image train transforms (`ecvl.data.transforms`) crop and flip each image in PIL inside
 the data worker, which caps the data path at about 1,400 img/s per core at 32 px. `BatchAugment`
 splits that work in two: `draw` picks every sample's source box and flip on the CPU from torch's
-generator (so a DataLoader worker's seeding keeps it seeded and resumable, as today), and `apply`
+generator (so a DataLoader worker's seeding keeps it seeded and resumable), and `apply`
 moves the pixels of the whole batch in one batched call, in the worker on a CPU or on the GPU
 after the transfer. The result stays uint8 so that `BatchNormalize` remains the one
 normalisation.
@@ -19,9 +19,9 @@ widened when downscaling, normalised) when `antialias` is set, which neither alt
 and clamps instead of zero-padding one pixel outside the image). At exact pixel centres the
 weights are exactly 0 and 1, so an integer pad-crop is bit-identical to torchvision's per-image
 `RandomCrop(padding=...)` + `hflip`. Measured on one CPU thread for 64×3×32×32 batches it is
-also as fast as bilinear grid_sample and faster than bicubic grid_sample (figures in the
-issue-#16 report). The dense matrices cost O(H·W·side) per channel: nothing at CIFAR sizes or
-on a GPU, but for large file sources on a CPU the per-image PIL path is cheaper.
+also as fast as bilinear grid_sample and faster than bicubic grid_sample. The dense matrices
+cost O(H·W·side) per channel: nothing at CIFAR sizes or on a GPU, but for large file sources on
+a CPU the per-image PIL path is cheaper.
 
 Use:
 
