@@ -6,11 +6,14 @@ side in one run (A B A B, median of per-pair ratios).
 
 Every model a preset uses is measured on shards as `ecvl shard` writes them (raw 32 px pixels
 for digits): the tiny CPU models and RN50 @224 (random init). Goal: ratio ≥ 0.9 for each on 2
-CPU cores. The decode path alone is also timed on PNG members, the pre-#16 format.
+CPU cores. The decode path alone is also timed on PNG members, which decode per image.
 
 A third arm runs the decode path alone on one core, which gives `core_share_bound_ratio`: the
-ratio no schedule can beat when decoding and encoding share the same cores. When it is below
-the goal, the goal needs spare cores (or a cheaper image format), not a better overlap.
+ratio no schedule can beat when decoding and encoding share the same cores. A fourth writes
+the stores alone on one core (the same rows, bytes and end-of-split digests, no encoder):
+`core_share_bound_with_writes_ratio` counts both, all the CPU work the stage adds to the
+encoder's. When a bound is below the goal, the goal needs spare cores (or cheaper reads and
+writes), not a better overlap.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import core_share_bound, data_alone_images_per_s, digits_train_shards, preset_models
 
 from ecvl.data.embeddings import EmbeddingWriter
+from ecvl.data.image_store import ImageStoreWriter
 from ecvl.data.reader import check_shard_count, eval_pipeline, make_loader
 from ecvl.data.shards import load_manifest
 from ecvl.distributed import WorldInfo
@@ -54,6 +59,13 @@ def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) 
         tensors = [
             x for x, _, _ in make_loader(eval_pipeline(urls, bundle.eval_transform, batch_size), 0)
         ]
+        # what the writer thread is handed per shard: features, labels, keys, encoded bytes
+        blocks, rows = [], 0
+        pipe = eval_pipeline(urls, bundle.eval_transform, batch_size, with_bytes=True)
+        for _, labels, keys, encoded in make_loader(pipe, 0):
+            feats = torch.randn(len(keys), bundle.embed_dim).numpy().astype(np.float16)
+            blocks.append((rows, feats, labels.numpy(), list(keys), list(encoded)))
+            rows += len(keys)
 
         def bare() -> float:
             start = time.perf_counter()
@@ -62,9 +74,8 @@ def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) 
                     bundle.model.encode_image(x)
             return n / (time.perf_counter() - start)
 
-        def stage(i: int) -> float:
-            out = tmp / f"run{i}"
-            emb = EmbeddingWriter(
+        def embeddings(out: Path) -> EmbeddingWriter:
+            return EmbeddingWriter(
                 out / "e.zarr",
                 {"train": n},
                 bundle.embed_dim,
@@ -75,6 +86,10 @@ def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) 
                     "classes": list(manifest.classes),
                 },
             )
+
+        def stage(i: int) -> float:
+            out = tmp / f"run{i}"
+            emb = embeddings(out)
             start = time.perf_counter()
             encode = _Encoder(bundle, device, "fp32", batch_size, workers)
             _export_split("train", manifest, encode, emb, out / "i.h5", WorldInfo(), False)
@@ -85,13 +100,32 @@ def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) 
             pipe = eval_pipeline(shards, bundle.eval_transform, batch_size, with_bytes=True)
             return data_alone_images_per_s(make_loader(pipe, 0), n)
 
+        def writes_alone(i: int) -> float:
+            """The stores' writes and end-of-split work as the stage does them, on one core."""
+            out = tmp / f"writes{i}"
+            emb = embeddings(out)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                start = time.perf_counter()
+                with ImageStoreWriter(out / "i.h5", n) as images:
+                    for row, feats, labels, keys, encoded in blocks:
+                        emb.write("train", row, feats, labels, keys)
+                        images.write(row, encoded, labels, keys)
+                    images.mark_complete()
+                emb.mark_complete("train")
+                return n / (time.perf_counter() - start)
+            finally:
+                torch.set_num_threads(threads)
+
         bare()  # warm-up
-        b, s, d, before = [], [], [], []
+        b, s, d, w, before = [], [], [], [], []
         for i in range(pairs):
             b.append(bare())
             s.append(stage(i))
             d.append(data_alone(urls))
-            before.append(data_alone(png.shard_paths("train")))  # PNG members, pre-#16
+            w.append(writes_alone(i))
+            before.append(data_alone(png.shard_paths("train")))  # PNG members, decoded per image
     ratios = [x / y for x, y in zip(s, b, strict=True)]
     cores = os.cpu_count() or 1
     return {
@@ -109,8 +143,13 @@ def measure(model_name: str, n: int, batch_size: int, pairs: int, workers: int) 
         "data_alone_one_core_images_per_s": d,
         "data_alone_png_images_per_s": before,
         "data_path_speedup": statistics.median(x / y for x, y in zip(d, before, strict=True)),
+        "writes_alone_one_core_images_per_s": w,
         "core_share_bound_ratio": core_share_bound(
             statistics.median(b), statistics.median(d), cores
+        ),
+        # reading and writing in turn on one core: their CPU times per image add up
+        "core_share_bound_with_writes_ratio": core_share_bound(
+            statistics.median(b), 1 / (1 / statistics.median(d) + 1 / statistics.median(w)), cores
         ),
     }
 

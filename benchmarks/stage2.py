@@ -379,7 +379,12 @@ def scale(root: Path, n: int, k: int, d: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1797)
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=7,
+        help="A B pairs per thread count (the median of their ratios counts)",
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     ap.add_argument("--scale-child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--scale-n", type=int, default=115_846)
