@@ -5,9 +5,11 @@ weights) and may not have the 500-per-class pool, and a working tree travels onl
 tens of MB.
 So the data go in two steps:
 
-    # here, where the pool is: the preset's own shard stage, its long-tailed train split and
-    # its val split written as two compact npz files (about 40 MB; git-ignored folder)
-    python benchmarks/gpu_pipeline.py prepare --out gpu_data
+    # here, where the images are: the preset's own shard stage, its long-tailed train split
+    # and its val split written as two compact npz files (about 40 MB; git-ignored folder).
+    # --pool takes them from a 500-per-class npz pool (benchmarks/cifar100_pool.py) instead of
+    # the preset's source, which torchvision downloads
+    python benchmarks/gpu_pipeline.py prepare --out gpu_data [--pool cifar100_train.npz]
 
     # on the GPU machine: every stage of a preset on those images (`ecvl` subprocesses,
     # `benchmarks/rehearsal.py` records wall time, CPU time, peak RSS and artifact size per stage)
@@ -34,12 +36,21 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def prepare(preset: Path, out: Path) -> None:
-    """The preset's train and val splits as `<out>/train.npz` and `<out>/val.npz`."""
+def prepare(preset: Path, out: Path, pool: Path | None) -> int:
+    """The preset's train and val splits as `<out>/train.npz` and `<out>/val.npz`, the train
+    images from `pool` (an npz of the whole train split) when given. Returns the exit status:
+    that of `ecvl shard` when it fails (it has said why)."""
     from ecvl.data.reader import iter_samples
     from ecvl.data.shards import load_manifest
 
     params = yaml.safe_load(preset.read_text())
+    if pool is not None:  # the long tail and val drawn from the pool; it has no test split
+        params["shard"].update(
+            source={"name": "npz", "train": str(pool.resolve())},
+            test_source=None,
+            test_per_class=0,
+        )
+        params["paths"]["raw"] = str(pool.resolve().parent)
     with tempfile.TemporaryDirectory() as tmp:
         params["paths"] = {
             k: (v if k == "raw" else str(Path(tmp) / v)) for k, v in params["paths"].items()
@@ -47,7 +58,9 @@ def prepare(preset: Path, out: Path) -> None:
         path = Path(tmp) / "params.yaml"
         path.write_text(yaml.safe_dump(params, sort_keys=False))
         ecvl = str(Path(sys.executable).with_name("ecvl"))
-        subprocess.run([ecvl, "shard", "--params", str(path)], cwd=REPO, check=True)
+        done = subprocess.run([ecvl, "shard", "--params", str(path)], cwd=REPO)
+        if done.returncode:
+            return done.returncode
         manifest = load_manifest(params["paths"]["shards"])
         out.mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):
@@ -60,6 +73,7 @@ def prepare(preset: Path, out: Path) -> None:
                 classes=np.array(manifest.classes),
             )
             print(f"{out / f'{split}.npz'}: {len(samples)} images")
+    return 0
 
 
 def run(data: Path, preset: Path, workdir: Path, out: Path, overrides: list[str]) -> int:
@@ -87,6 +101,9 @@ def main() -> None:
     p = sub.add_parser("prepare", help="write the preset's train/val splits as npz (here)")
     p.add_argument("--preset", type=Path, default=REPO / "pipeline/presets/cifar100_lt.yaml")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--pool", type=Path, help="npz of the whole train split (benchmarks/cifar100_pool.py)"
+    )
     r = sub.add_parser("run", help="every stage on the prepared splits (on the GPU machine)")
     r.add_argument("--data", type=Path, required=True)
     r.add_argument("--preset", type=Path, default=REPO / "pipeline/presets/cifar100_lt_rn50.yaml")
@@ -95,7 +112,7 @@ def main() -> None:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     if args.command == "prepare":
-        prepare(args.preset, args.out)
+        sys.exit(prepare(args.preset, args.out, args.pool))
     else:
         sys.exit(run(args.data.resolve(), args.preset, args.workdir, args.out, args.overrides))
 
