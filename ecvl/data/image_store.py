@@ -95,30 +95,23 @@ def content_digest(f: h5py.File, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> str:
     for a in range(0, n, chunk_rows):
         b = min(n, a + chunk_rows)
         images = [img.tobytes() for img in f["images"][a:b]]
-        h.update(
-            _digest_records(images, f["labels"][a:b], f["keys"].asstr()[a:b], f["ext"].asstr()[a:b])
-        )
+        _digest_update(h, images, f["labels"][a:b], f["keys"].asstr()[a:b], f["ext"].asstr()[a:b])
     return h.hexdigest()
 
 
-def _digest_records(
-    images: Sequence[bytes], labels: np.ndarray, keys: Sequence[str], exts: Sequence[str]
-) -> bytes:
-    """What `content_digest` hashes for a block of rows: per row the image's length (8 bytes,
-    little-endian) and bytes, the label (int64 little-endian), the key's UTF-8 length and
-    bytes, the ext padded to 4 bytes."""
-    parts: list[bytes] = []
+def _digest_update(
+    h: Any, images: Sequence[bytes], labels: np.ndarray, keys: Sequence[str], exts: Sequence[str]
+) -> None:
+    """Feed `content_digest`'s bytes for a block of rows to `h`: per row the image's length (8
+    bytes, little-endian) and bytes, the label (int64 little-endian), the key's UTF-8 length and
+    bytes, the ext padded to 4 bytes. The image bytes go in as they are, never copied."""
     for raw, label, key, ext in zip(images, labels.astype("<i8"), keys, exts, strict=True):
         k = key.encode("utf-8")
-        parts += (
-            len(raw).to_bytes(8, "little"),
-            raw,
-            label.tobytes(),
-            len(k).to_bytes(8, "little"),
-            k,
-            ext.encode("ascii").ljust(4, b"\0"),
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+        h.update(
+            label.tobytes() + len(k).to_bytes(8, "little") + k + ext.encode("ascii").ljust(4, b"\0")
         )
-    return b"".join(parts)
 
 
 class ImageStoreWriter:
@@ -241,7 +234,7 @@ class ImageStoreWriter:
         f["keys"][start:end] = key_list
         f["ext"][start:end] = exts
         if self._digest is not None and start == self._digested:
-            self._digest.update(_digest_records(raws, lab, key_list, exts))
+            _digest_update(self._digest, raws, lab, key_list, exts)
             self._digested = end
         else:
             self._digest = None
