@@ -25,6 +25,7 @@ images; `stage1.pretrained` becomes null (random init: the figures are speed, no
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,10 +40,19 @@ REPO = Path(__file__).resolve().parents[1]
 def prepare(preset: Path, out: Path, pool: Path | None) -> int:
     """The preset's train and val splits as `<out>/train.npz` and `<out>/val.npz`, the train
     images from `pool` (an npz of the whole train split) when given. Returns the exit status:
-    that of `ecvl shard` when it fails (it has said why)."""
+    that of `ecvl shard` when it fails (it has said why), 2 when either file exists already (it
+    is never replaced). Each file appears whole: written under a temporary name, then renamed."""
     from ecvl.data.reader import iter_samples
     from ecvl.data.shards import load_manifest
 
+    targets = {split: out / f"{split}.npz" for split in ("train", "val")}
+    if existing := [str(t) for t in targets.values() if t.exists()]:
+        print(
+            f"error: {', '.join(existing)}: already there, and prepare never replaces a file "
+            "(move it away or choose another --out)",
+            file=sys.stderr,
+        )
+        return 2
     params = yaml.safe_load(preset.read_text())
     if pool is not None:  # the long tail and val drawn from the pool; it has no test split
         params["shard"].update(
@@ -63,16 +73,18 @@ def prepare(preset: Path, out: Path, pool: Path | None) -> int:
             return done.returncode
         manifest = load_manifest(params["paths"]["shards"])
         out.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "val"):
+        for split, target in targets.items():
             samples = list(iter_samples(manifest.shard_paths(split)))
-            images = np.stack([np.asarray(s["image"]) for s in samples])
-            np.savez(
-                out / f"{split}.npz",
-                images=images,
-                labels=np.array([s["label"] for s in samples], dtype=np.int64),
-                classes=np.array(manifest.classes),
-            )
-            print(f"{out / f'{split}.npz'}: {len(samples)} images")
+            partial = target.with_name(f".{target.name}.partial")
+            with open(partial, "wb") as f:
+                np.savez(
+                    f,
+                    images=np.stack([np.asarray(s["image"]) for s in samples]),
+                    labels=np.array([s["label"] for s in samples], dtype=np.int64),
+                    classes=np.array(manifest.classes),
+                )
+            os.replace(partial, target)
+            print(f"{target}: {len(samples)} images")
     return 0
 
 

@@ -1,6 +1,7 @@
 """`benchmarks/gpu_pipeline.py prepare`: the GPU run's data are the preset's own long-tailed
 train split and val split, drawn here by `ecvl shard`, from a pool when the preset's source
-would need a download; a failed shard step is its exit status, not a traceback."""
+would need a download; a failed shard step is its exit status, not a traceback; a file already
+at the output is never replaced."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def test_prepare_writes_the_presets_long_tail_and_val_from_a_pool(tmp_path):
     pool = _pool(tmp_path / "pool.npz", classes=5, per_class=15)
     out = tmp_path / "data"
     assert gpu_pipeline.prepare(_small_preset(tmp_path), out, pool) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["train.npz", "val.npz"]  # no partial left
     train, val = np.load(out / "train.npz"), np.load(out / "val.npz")
     # the long tail: 12 images of the head class down to 12 / 4 = 3 of the tail class
     counts = np.bincount(train["labels"])
@@ -69,3 +71,15 @@ def test_prepare_returns_the_shard_steps_failure(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "classes" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_prepare_never_replaces_a_file_it_finds(tmp_path, capfd):
+    gpu_pipeline = load_script("benchmarks/gpu_pipeline.py")
+    pool = _pool(tmp_path / "pool.npz", classes=5, per_class=15)
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "val.npz").write_bytes(b"the user's file")
+    assert gpu_pipeline.prepare(_small_preset(tmp_path), out, pool) == 2
+    assert "val.npz: already there" in capfd.readouterr().err
+    assert (out / "val.npz").read_bytes() == b"the user's file"
+    assert sorted(p.name for p in out.iterdir()) == ["val.npz"]
