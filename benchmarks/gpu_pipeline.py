@@ -76,14 +76,17 @@ def prepare(preset: Path, out: Path, pool: Path | None) -> int:
         for split, target in targets.items():
             samples = list(iter_samples(manifest.shard_paths(split)))
             partial = target.with_name(f".{target.name}.partial")
-            with open(partial, "wb") as f:
-                np.savez(
-                    f,
-                    images=np.stack([np.asarray(s["image"]) for s in samples]),
-                    labels=np.array([s["label"] for s in samples], dtype=np.int64),
-                    classes=np.array(manifest.classes),
-                )
-            os.replace(partial, target)
+            try:
+                with open(partial, "wb") as f:
+                    np.savez(
+                        f,
+                        images=np.stack([np.asarray(s["image"]) for s in samples]),
+                        labels=np.array([s["label"] for s in samples], dtype=np.int64),
+                        classes=np.array(manifest.classes),
+                    )
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)  # its own temporary file, left only on an error
             print(f"{target}: {len(samples)} images")
     return 0
 
