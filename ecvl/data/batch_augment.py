@@ -92,7 +92,7 @@ class BatchAugment:
 
         `heights`, `widths`: the B source sizes (sequences or 1-D tensors). Uses `generator`,
         else torch's default CPU generator (so a DataLoader worker's seeding makes it seeded
-        and resumable as today). A batch consumes the same amount of randomness whatever its
+        and resumable). A batch consumes the same amount of randomness whatever its
         images, so the stream stays aligned across resumes.
         """
         h = torch.as_tensor(heights, dtype=torch.float64).reshape(-1)
